@@ -1,0 +1,47 @@
+"""Numbered schema steps, recorded in a table and applied once, safely, by whichever process starts first."""
+import logging
+
+from peewee import CharField, IntegerField, Model
+
+from . import db as models
+from .log import event
+
+log = logging.getLogger(__name__)
+
+
+class SchemaStep(Model):
+    number = IntegerField(primary_key=True)
+    name = CharField()
+
+    class Meta:
+        database = models.database
+        table_name = "schema_step"
+
+
+def _initial(database):
+    database.create_tables(models.MODELS, safe=True)
+
+
+# Append only: a shipped step never changes; new columns or tables get a new numbered step.
+STEPS = [(1, "initial tables", _initial)]
+
+
+def migrate(database):
+    """Apply pending steps under the database's write lock, so two processes starting together can't collide."""
+    database.create_tables([SchemaStep], safe=True)
+    with models.write_transaction(database):
+        if not models.is_sqlite(database):
+            database.execute_sql("SELECT pg_advisory_xact_lock(4242001)")
+        done = {step.number for step in SchemaStep.select()}
+        for number, name, apply in STEPS:
+            if number not in done:
+                apply(database)
+                SchemaStep.create(number=number, name=name)
+                event(log, "schema.migrated", step=number, name=name)
+
+
+def open_database(url):
+    """Connect to DATABASE_URL and bring the schema up to date: what every process does at start."""
+    database = models.connect(url)
+    migrate(database)
+    return database
