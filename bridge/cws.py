@@ -1,0 +1,317 @@
+"""CodesWholesale v3 client: catalogue, orders, codes and balance, every answer checked into plain values.
+
+A response of the wrong shape raises UpstreamError("cws", "field X missing in ..."), never KeyError.
+Keys (code values) are never logged here.
+"""
+import datetime
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from urllib.parse import quote
+
+from .config import CWS_HOSTS
+from .errors import OutcomeUnknown, UpstreamError
+from .log import event
+from .upstream import TokenCache, Upstream, fetch_client_token
+
+log = logging.getLogger(__name__)
+
+BALANCE_TOO_LOW, DELISTED, BAD_QUANTITY, CODE_NOT_FOUND = 10002, 20001, 40002, 50002
+PREORDER_TYPES = ("CODE_PREORDER", "PRE_ORDER")
+KNOWN_STATUSES = ("completed", "fulfilling")
+FAILED_WORDS = ("cancel", "fail", "reject")
+CENT = Decimal("0.01")
+
+
+@dataclass(frozen=True)
+class PriceTier:
+    low: int
+    high: int | None
+    value: Decimal
+
+
+@dataclass(frozen=True)
+class CwsProductInfo:
+    id: str
+    name: str
+    quantity: int
+    tiers: tuple[PriceTier, ...]
+
+    def unit_price(self, quantity=1):
+        """The price per unit when buying `quantity` (cws.md 3.4: inclusive bands sorted by `from`), or None."""
+        for tier in sorted(self.tiers, key=lambda t: t.low):
+            if tier.low <= quantity and (tier.high is None or quantity <= tier.high):
+                return tier.value
+        return None
+
+
+@dataclass(frozen=True)
+class CwsCode:
+    code_id: str
+    kind: str  # "text" | "image" | "preorder"
+    value: str  # the key, base64 image data, or "" (pre-order, or not sent inline)
+    filename: str
+
+    @property
+    def needs_fetch(self):
+        """A real key that the order did not carry inline: fetch it with CwsClient.code()."""
+        return self.kind != "preorder" and not self.value
+
+
+@dataclass(frozen=True)
+class CwsOrderProduct:
+    product_id: str
+    unit_price: Decimal | None
+    codes: tuple[CwsCode, ...]
+
+
+@dataclass(frozen=True)
+class CwsOrder:
+    order_id: str
+    client_order_id: str | None
+    status: str
+    total_price: Decimal | None
+    created_on: str
+    products: tuple[CwsOrderProduct, ...]
+
+    def outcome(self, expected_quantities):
+        """"done" | "failed" | "pending" | "preorder" (cws.md 3.1, 3.3). A code with an empty value
+        keeps the order pending until fulfillment fetches it with CwsClient.code()."""
+        status = self.status.lower()
+        if any(word in status for word in FAILED_WORDS):
+            return "failed"
+        if any(code.kind == "preorder" for product in self.products for code in product.codes):
+            return "preorder"
+        if status == "completed" and self._has_all_keys(expected_quantities):
+            return "done"
+        if status not in KNOWN_STATUSES:
+            _warn_unknown_status(self.status)
+        return "pending"
+
+    def _has_all_keys(self, expected_quantities):
+        def ready(product_id):
+            codes = [c for p in self.products if p.product_id == product_id for c in p.codes]
+            return len(codes), sum(1 for c in codes if c.value)
+        return bool(expected_quantities) and all(
+            ready(product_id) == (quantity, quantity) for product_id, quantity in expected_quantities.items())
+
+
+@dataclass(frozen=True)
+class CwsAccount:
+    balance: Decimal
+    credit: Decimal
+    total_to_use: Decimal
+
+
+class CwsClient:
+    """The CWS v3 API as plain values; one token and one connection pool per client object."""
+
+    def __init__(self, settings, sleep=time.sleep, observer=None, clock=time.monotonic):
+        self._token = TokenCache(lambda: fetch_client_token(
+            self._upstream, "/oauth/token", settings.cws_client_id, settings.cws_client_secret), clock=clock)
+        self._upstream = Upstream("cws", settings.cws_base_url, settings.cws_timeout, settings.cws_retry_max,
+                                  token=self._token, allowed_hosts=CWS_HOSTS, sleep=sleep, observer=observer)
+
+    @property
+    def token_age(self):
+        return self._token.age_seconds
+
+    def products(self, product_ids=None, batch_size=50):
+        """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
+        if product_ids is None:
+            yield from self._product_pages({})
+            return
+        ids = list(dict.fromkeys(product_ids))
+        for start in range(0, len(ids), batch_size):
+            yield from self._product_pages({"productIds": ",".join(ids[start:start + batch_size])})
+
+    def _product_pages(self, params):
+        seen, token = set(), None
+        while True:
+            page = self._upstream.request("GET", "/v3/products",
+                                          params={**params, "continuationToken": token} if token else params)
+            for item in _list(_object(page, "products page"), "items", "products page", default=[]):
+                yield _product(item)
+            token = page.get("continuationToken")
+            if not token:
+                return
+            if token in seen:  # a server bug must not become an endless loop, nor a silently short list
+                raise UpstreamError("cws", "products paging repeated a continuationToken; list incomplete")
+            seen.add(token)
+
+    def product(self, product_id):
+        """One product, or None when CWS does not list it (404, usually code 20001)."""
+        try:
+            body = self._get(f"/v3/products/{_segment(product_id)}", "/v3/products/{id}")
+        except UpstreamError as err:
+            if err.status == 404:
+                return None
+            raise
+        return _product(body)
+
+    def place_order(self, client_order_id, lines, allow_preorder):
+        """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead)."""
+        body = {"allowPreOrder": bool(allow_preorder), "orderId": client_order_id,
+                "products": [_order_line(*line) for line in lines]}
+        answer = self._upstream.request("POST", "/v3/orders", json_body=body, idempotent=False)
+        try:
+            return _order(answer)
+        except UpstreamError as err:  # CWS accepted something we cannot read: recover by client order id
+            raise OutcomeUnknown("cws", f"order {client_order_id} accepted but unreadable: {err}") from err
+
+    def order(self, cws_order_id):
+        return _order(self._get(f"/v3/orders/{_segment(cws_order_id)}", "/v3/orders/{id}"))
+
+    def find_orders(self, client_order_id, around):
+        """Orders carrying our client order id, from the history around `around` (an aware datetime).
+
+        History items have no products: call order() on the result for codes."""
+        day = around.astimezone(datetime.timezone.utc).date()
+        one_day = datetime.timedelta(days=1)
+        params = {"startFrom": (day - one_day).isoformat(), "endOn": (day + one_day).isoformat()}
+        body = self._upstream.request("GET", "/v3/orders", params=params)
+        items = body if isinstance(body, list) else _list(body, "items", "order history", default=[])
+        # Filter before parsing, so one odd unrelated item cannot block crash recovery.
+        return [_order(item) for item in items
+                if isinstance(item, dict) and item.get("clientOrderId") == client_order_id]
+
+    def code(self, code_id):
+        return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}"), f"code {code_id}")
+
+    def account(self):
+        body = self._get("/v3/accounts/current", "/v3/accounts/current")
+        balance = _money(body, "currentBalance", "account")
+        credit = _money(body, "currentCredit", "account", optional=True) or Decimal("0")
+        total = _money(body, "totalToUse", "account", optional=True)
+        return CwsAccount(balance, credit, balance + credit if total is None else total)
+
+    def _get(self, path, endpoint):
+        return self._upstream.request("GET", path, endpoint=endpoint)
+
+
+def _order_line(product_id, quantity, max_unit_price):
+    line = {"productId": product_id, "quantity": quantity}
+    if max_unit_price is not None:
+        # A JSON number, so never a Decimal; rounded up to cents so a correct cap never fails.
+        line["price"] = float(Decimal(str(max_unit_price)).quantize(CENT, rounding=ROUND_CEILING))
+    return line
+
+
+def _product(item):
+    product_id = _text(item, "productId", "product")
+    where = f"product {product_id}"
+    prices = _list(item, "prices", where)
+    tiers = tuple(_tier(price, f"{where} prices[{i}]") for i, price in enumerate(prices))
+    return CwsProductInfo(product_id, _text(item, "name", where, optional=True), _count(item, "quantity", where),
+                          tuple(sorted(tiers, key=lambda t: t.low)))
+
+
+def _tier(price, where):
+    high = _count(price, "to", where, optional=True)
+    return PriceTier(_count(price, "from", where), high, _money(price, "value", where))
+
+
+def _order(body):
+    order_id = _text(body, "orderId", "order")
+    where = f"order {order_id}"
+    products = _list(body, "products", where, default=[])
+    return CwsOrder(order_id, _text(body, "clientOrderId", where, optional=True) or None,
+                    _text(body, "status", where), _money(body, "totalPrice", where, optional=True),
+                    _text(body, "createdOn", where, optional=True),
+                    tuple(_order_product(product, where) for product in products))
+
+
+def _order_product(product, where):
+    product_id = _text(product, "productId", f"{where} product")
+    where = f"{where} product {product_id}"
+    codes = _list(product, "codes", where, default=[])
+    return CwsOrderProduct(product_id, _money(product, "unitPrice", where, optional=True),
+                           tuple(_code(code, f"{where} code") for code in codes))
+
+
+def _code(body, where):
+    code_id = _text(body, "codeId", where)
+    value = _text(body, "code", f"code {code_id}", optional=True)
+    kind = _code_kind(str(body.get("codeType") or "").upper(), str(body.get("status") or "").lower(), value)
+    return CwsCode(code_id, kind, "" if kind == "preorder" else value,
+                   _text(body, "filename", f"code {code_id}", optional=True))
+
+
+def _code_kind(code_type, label, value):
+    # cws.md 3.3. An explicit text/image code with an empty value is a real key not sent inline
+    # (the SDK fetches it lazily); an empty value with no recognised type is a pre-order placeholder.
+    if code_type in PREORDER_TYPES or label == "pre-ordered code":
+        return "preorder"
+    if code_type == "CODE_IMAGE" or label == "image code":
+        return "image"
+    if code_type == "CODE_TEXT" or label == "text code" or value:
+        return "text"
+    return "preorder"
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unknown_status(status):
+    """Logs each unrecognised order status once per process (the cache is the memory)."""
+    event(log, "cws.unknown_status", level=logging.WARNING, status=status)
+
+
+def _segment(value):
+    return quote(str(value), safe="")
+
+
+def _bad(message):
+    return UpstreamError("cws", message)
+
+
+def _object(body, where):
+    if not isinstance(body, dict):
+        raise _bad(f"{where} is not a JSON object")
+    return body
+
+
+def _value(body, name, where, optional):
+    value = _object(body, where).get(name)
+    if value is None and not optional:
+        raise _bad(f"field {name} missing in {where}")
+    return value
+
+
+def _text(body, name, where, optional=False):
+    value = _value(body, name, where, optional)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not (value or optional):
+        raise _bad(f"field {name} is not a non-empty string in {where}")
+    return value
+
+
+def _count(body, name, where, optional=False):
+    value = _value(body, name, where, optional)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(f"field {name} is not a whole number >= 0 in {where}")
+    return value
+
+
+def _money(body, name, where, optional=False):
+    value = _value(body, name, where, optional)
+    if value is None:
+        return None
+    try:
+        amount = Decimal(str(value))  # str() keeps 6.32 exact; str(True) is rejected like any non-number
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise _bad(f"field {name} is not a number in {where}")
+    return amount
+
+
+def _list(body, name, where, default=None):
+    value = _value(body, name, where, optional=default is not None)
+    value = default if value is None else value
+    if not isinstance(value, list):
+        raise _bad(f"field {name} is not a list in {where}")
+    return value

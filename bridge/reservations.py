@@ -1,0 +1,147 @@
+"""Reservations: hold stock for a buyer at checkout, all-or-nothing, never more than CWS can deliver."""
+import logging
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+
+from . import db, pricing
+from .contract import Line, stock_entry
+from .errors import ContractError
+from .log import event
+from .stock import available_stock
+
+log = logging.getLogger(__name__)
+ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
+
+
+class Reservations:
+    def __init__(self, settings, refresher, pause_switch):
+        self.settings, self.refresher, self.pause = settings, refresher, pause_switch
+
+    def reserve(self, lines, now, request_id=None):
+        """POST /reservation: a new reservation for `lines`, or ContractError (404 unknown, 400 short)."""
+        products = self._products_for(lines, now)
+        reservation_id = str(uuid.uuid4())
+        with db.write_transaction():
+            stock = self._take(lines, products, now)
+            db.Reservation.create(id=reservation_id, expires_at=self._expiry(now), request_id=request_id)
+            self._insert_lines(reservation_id, lines, products, now)
+        event(log, "reservation.created", reservation=reservation_id,
+              products=",".join(str(line.product_id) for line in lines))
+        return {"reservation_id": reservation_id, "stock": stock}
+
+    def renew(self, reservation_id, lines, now):
+        """PUT /reservation/{id}: re-reserve (even after expiry) with the body's lines, or the old ones if none."""
+        reservation = self._get(reservation_id)
+        if reservation.state != ACTIVE:
+            raise ContractError(400, "BR02", f"reservation {reservation_id} is {reservation.state}")
+        lines = lines or self._old_lines(reservation_id)
+        products = self._products_for(lines, now)
+        with db.write_transaction():
+            self._deactivate_lines(reservation_id)
+            stock = self._take(lines, products, now)
+            db.Reservation.update(expires_at=self._expiry(now)).where(
+                db.Reservation.id == reservation_id).execute()
+            self._insert_lines(reservation_id, lines, products, now)
+        event(log, "reservation.renewed", reservation=reservation_id)
+        return {"reservation_id": reservation_id, "stock": stock}
+
+    def release(self, reservation_id):
+        """DELETE /reservation/{id}: give the stock back. Releasing twice is harmless; an ordered one stays ordered."""
+        reservation = self._get(reservation_id)
+        if reservation.state == ACTIVE:
+            with db.database.atomic():
+                db.Reservation.update(state=RELEASED).where(db.Reservation.id == reservation_id).execute()
+                self._deactivate_lines(reservation_id)
+            event(log, "reservation.released", reservation=reservation_id)
+
+    def _get(self, reservation_id):
+        reservation = db.Reservation.get_or_none(db.Reservation.id == reservation_id)
+        if reservation is None:
+            raise ContractError(404, "BR02", f"reservation {reservation_id} not found")
+        return reservation
+
+    def _products_for(self, lines, now):
+        """The mapped products for `lines` (404 for any we don't sell), with their CWS state freshened."""
+        ids = [line.product_id for line in lines]
+        products = {p.g2a_id: p for p in db.Product.select().where(
+            db.Product.g2a_id.in_(ids), db.Product.mapped == True)}  # noqa: E712 (peewee expression)
+        unknown = [str(pid) for pid in ids if pid not in products]
+        if unknown:
+            raise ContractError(404, "BR02", f"product {', '.join(unknown)} is not sold here")
+        if self.pause.is_paused():
+            raise self._short(lines, {}, products, "the seller has paused sales")
+        self.refresher.ensure_fresh({p.cws_product_id for p in products.values()}, now)
+        cws = {c.id: c for c in db.CwsProduct.select().where(
+            db.CwsProduct.id.in_([p.cws_product_id for p in products.values()]))}
+        for line in lines:
+            self._check_price(line, products[line.product_id], cws[products[line.product_id].cws_product_id])
+        return products
+
+    def _check_price(self, line, product, cws_product):
+        """Refuse a sale below what the key costs us plus G2A's fee: that would lose money."""
+        if line.unit_price is None or cws_product.cost is None:
+            return
+        fee = product.fee if product.fee is not None else self.settings.default_fee
+        floor = pricing.break_even_price(cws_product.cost, fee)
+        if line.unit_price < floor:
+            event(log, "reservation.refused_loss", level=logging.WARNING, product=line.product_id,
+                  unit_price=line.unit_price, break_even=floor)
+            raise ContractError(400, "BR02", f"product {line.product_id}: unit price {line.unit_price} "
+                                             f"is below our cost")
+
+    def _take(self, lines, products, now):
+        """Inside the write transaction: check every line fits, or raise with what is available."""
+        cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
+        list(db.locked(db.CwsProduct.select(db.CwsProduct.id).where(
+            db.CwsProduct.id.in_(cws_ids)).order_by(db.CwsProduct.id)))
+        available = available_stock(cws_ids, now)
+        demand = defaultdict(int)
+        for line in lines:
+            demand[products[line.product_id].cws_product_id] += line.quantity
+        disabled = any(not products[line.product_id].enabled for line in lines)
+        if disabled or any(wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
+            raise self._short(lines, available, products, "not enough stock")
+        left = {cws_id: available.get(cws_id, 0) - wanted for cws_id, wanted in demand.items()}
+        return self._stock(lines, left, products)
+
+    def _short(self, lines, available, products, why):
+        event(log, "reservation.refused", reason=why, products=",".join(str(line.product_id) for line in lines))
+        return ContractError(400, "BR02", why, extra={"stock": self._stock(lines, available, products)})
+
+    @staticmethod
+    def _stock(lines, available, products):
+        """The `stock` array G2A sees: never negative, zero when disabled, never above max_stock."""
+        entries = []
+        for line in lines:
+            product = products[line.product_id]
+            shown = max(0, available.get(product.cws_product_id, 0)) if product.enabled else 0
+            if product.max_stock is not None:
+                shown = min(shown, product.max_stock)
+            entries.append(stock_entry(line.product_id, shown))
+        return entries
+
+    def _insert_lines(self, reservation_id, lines, products, now):
+        db.ReservationLine.insert_many([{
+            "reservation": reservation_id, "product": line.product_id,
+            "cws_product_id": products[line.product_id].cws_product_id, "quantity": line.quantity,
+            "unit_price": line.unit_price, "active": True, "expires_at": self._expiry(now),
+        } for line in lines]).execute()
+
+    @staticmethod
+    def _deactivate_lines(reservation_id):
+        db.ReservationLine.update(active=False).where(db.ReservationLine.reservation == reservation_id).execute()
+
+    @staticmethod
+    def _old_lines(reservation_id):
+        return [Line(row.product_id, row.quantity, row.unit_price) for row in db.ReservationLine.select().where(
+            db.ReservationLine.reservation == reservation_id)]
+
+    def _expiry(self, now):
+        return now + timedelta(seconds=self.settings.reservation_ttl)
+
+
+def expire_reservations(now):
+    """Cleanup job: lines of expired reservations stop counting (reads already ignore them; this keeps sums small)."""
+    return db.ReservationLine.update(active=False).where(
+        db.ReservationLine.active == True, db.ReservationLine.expires_at <= now).execute()  # noqa: E712

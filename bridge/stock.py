@@ -1,0 +1,65 @@
+"""How many keys of a CWS product we can still promise: the one formula sync and reservations share.
+
+available = CWS quantity (0 once delisted) + returned keys in the pool − live reservations
+            − claimed order items not bought yet; never below 0.
+"""
+from peewee import Case, fn
+
+from . import db
+
+CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole table instead
+SMALL = 2000
+
+
+def available_stock(cws_product_ids, now):
+    """{cws_product_id: available keys} for the given ids (None: every known CWS product; unknown ids: 0)."""
+    ids = None if cws_product_ids is None else list(dict.fromkeys(cws_product_ids))
+    base = _grouped(_quantities(), ids)
+    if ids is not None:
+        base = {cws_id: base.get(cws_id, 0) for cws_id in ids}
+    held = _grouped(_reserved(now), ids)
+    pooled = _grouped(_pooled(), ids)
+    claimed = _grouped(_claimed(), ids)
+    return {cws_id: max(0, quantity + pooled.get(cws_id, 0) - held.get(cws_id, 0) - claimed.get(cws_id, 0))
+            for cws_id, quantity in base.items()}
+
+
+def _quantities():
+    product = db.CwsProduct
+    listed_quantity = Case(None, [(product.listed == True, product.quantity)], 0)  # noqa: E712
+    return product.select(product.id, listed_quantity), product.id
+
+
+def _reserved(now):
+    line = db.ReservationLine
+    return (line.select(line.cws_product_id, fn.SUM(line.quantity))
+            .where(line.active == True, line.expires_at > now)  # noqa: E712 (peewee expression)
+            .group_by(line.cws_product_id), line.cws_product_id)
+
+
+def _pooled():
+    key = db.PooledKey
+    return (key.select(key.cws_product_id, fn.COUNT(key.id))
+            .where(key.taken_by.is_null())
+            .group_by(key.cws_product_id), key.cws_product_id)
+
+
+def _claimed():
+    item, order = db.OrderItem, db.Order
+    return (item.select(item.cws_product_id, fn.COUNT(item.id)).join(order)
+            .where(order.state == db.CLAIMED, item.source == "cws")
+            .group_by(item.cws_product_id), item.cws_product_id)
+
+
+def _grouped(query_and_column, ids):
+    """{cws_id: total}; small id lists filter in SQL, big ones read the whole (grouped) table once."""
+    query, column = query_and_column
+    if ids is None or len(ids) > SMALL:
+        wanted = None if ids is None else set(ids)
+        return {cws_id: int(total) for cws_id, total in query.tuples() if wanted is None or cws_id in wanted}
+    return {cws_id: int(total) for cws_id, total in _in_chunks(query, column, ids)}
+
+
+def _in_chunks(query, column, ids):
+    for start in range(0, len(ids), CHUNK):
+        yield from query.where(column.in_(ids[start:start + CHUNK])).tuples()

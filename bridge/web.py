@@ -1,0 +1,273 @@
+"""The HTTP side: G2A's merchant contract on Bottle, served by Waitress; errors mapped to JSON in one place."""
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+
+import bottle
+import waitress
+
+from . import alerts, db, postbacks
+from .auth import FailureBrake, TokenStore
+from .contract import check_id, error_body, parse_json, parse_reservation
+from .cws import CwsClient
+from .errors import ContractError
+from .log import REQUEST_ID, event
+from .pause import PauseSwitch
+from .products import MappingWatcher
+from .refresh import StockRefresher
+from .reservations import Reservations
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("bridge.access")
+MAX_BODY_BYTES = 256 * 1024
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
+
+
+def reply(status, payload=None):
+    """A JSON answer (or an empty one for 204)."""
+    bottle.response.status = status
+    if payload is None:
+        return ""
+    bottle.response.content_type = "application/json"
+    return json.dumps(payload)
+
+
+class ErrorPlugin:
+    """Every exception a route raises becomes the contract's {code, message}; only bugs become 500 ERR99."""
+    name, api = "errors", 2
+
+    def apply(self, callback, route):
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except ContractError as err:
+                return reply(err.status, err.body())
+            except bottle.HTTPResponse:
+                raise
+            except Exception:
+                log.exception("web.unhandled %s %s", bottle.request.method, bottle.request.path)
+                return reply(500, error_body("ERR99", "internal error; the seller has been notified in the logs"))
+        return wrapper
+
+
+class AuthPlugin:
+    """Bearer (or Basic) on every route unless the route says auth=False; repeated failures per IP get 429."""
+    name, api = "auth", 2
+
+    def __init__(self, tokens, brake):
+        self.tokens, self.brake = tokens, brake
+
+    def apply(self, callback, route):
+        if route.config.get("auth", True) is False:
+            return callback
+
+        def wrapper(*args, **kwargs):
+            guard(self.brake, lambda: self.tokens.check(bottle.request.get_header("Authorization"), db.utcnow()))
+            return callback(*args, **kwargs)
+        return wrapper
+
+
+def guard(brake, check):
+    """Run an authentication check, counting failures against the caller's IP."""
+    # Waitress already put the real client in REMOTE_ADDR when a local reverse proxy forwarded the call.
+    ip = bottle.request.environ.get("REMOTE_ADDR", "")
+    brake.check(ip)
+    try:
+        return check()
+    except ContractError as err:
+        if err.status == 401:
+            brake.failed(ip)
+        raise
+
+
+def read_body():
+    return bottle.request.body.read(MAX_BODY_BYTES + 1)
+
+
+def token_request_params(request):
+    """client_id/client_secret/grant_type from the query, a form, a JSON body or Basic auth, in that order."""
+    params = dict(request.query.decode())
+    content_type = (request.content_type or "").lower()
+    if request.method == "POST" and "json" in content_type:
+        data = parse_json(read_body())
+        if isinstance(data, dict):
+            params.update({k: v for k, v in data.items() if isinstance(v, str)})
+    elif request.method == "POST":
+        params.update(dict(request.forms.decode()))
+    from_basic = request.auth
+    if from_basic and not params.get("client_id"):
+        params["client_id"], params["client_secret"] = from_basic
+    return params
+
+
+def create_app(settings, cws=None):
+    """The Bottle app for `settings`; the database must already be open."""
+    app = bottle.Bottle(autojson=False)
+    tokens, brake = TokenStore(settings), FailureBrake()
+    pause = PauseSwitch(settings.service_enabled)
+    refresher = StockRefresher(cws or CwsClient(settings), settings.stock_max_age)
+    reservations = Reservations(settings, refresher, pause)
+    app.install(ErrorPlugin())
+    app.install(AuthPlugin(tokens, brake))
+    install_error_pages(app)
+
+    @app.route("/oauth/token", method=["GET", "POST"], auth=False)
+    def oauth_token():
+        params = token_request_params(bottle.request)
+        if params.get("grant_type", "client_credentials") != "client_credentials":
+            raise ContractError(400, "BR02", "grant_type must be client_credentials")
+        token, lifetime = guard(brake, lambda: tokens.issue(
+            params.get("client_id", ""), params.get("client_secret", ""), db.utcnow()))
+        return reply(200, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})
+
+    @app.get("/healthcheck")
+    def healthcheck():
+        return reply(204)
+
+    @app.get("/health", auth=False)
+    def health():
+        try:
+            db.database.execute_sql("SELECT 1")
+        except Exception as err:  # the database is the only thing /health vouches for
+            event(log, "health.db_unreachable", level=logging.ERROR, error=str(err))
+            bottle.response.status = 503
+            return "DB UNREACHABLE"
+        bottle.response.content_type = "text/plain"
+        return "OK"
+
+    @app.post("/reservation")
+    def create_reservation():
+        lines = parse_reservation(read_body())
+        return reply(200, reservations.reserve(lines, db.utcnow(), REQUEST_ID.get()))
+
+    @app.put("/reservation/<reservation_id>")
+    def renew_reservation(reservation_id):
+        check_id(reservation_id, "reservation")
+        body = read_body()
+        lines = parse_reservation(body) if body.strip() else None
+        return reply(200, reservations.renew(reservation_id, lines, db.utcnow()))
+
+    @app.delete("/reservation/<reservation_id>")
+    def release_reservation(reservation_id):
+        reservations.release(check_id(reservation_id, "reservation"))
+        return reply(204)
+
+    @app.post("/notifications")
+    def notifications():
+        store_notifications(parse_json(read_body()), db.utcnow())
+        return reply(204)
+
+    @app.post("/cws/postback", auth=False)
+    def cws_postback():
+        return reply(postbacks.handle(settings, read_body(), db.utcnow()), {})
+
+    return app
+
+
+def store_notifications(data, now):
+    """Keep every notification whole; an offer G2A switched off is also an alert."""
+    entries = data if isinstance(data, list) else [data]
+    for entry in entries:
+        entry = entry if isinstance(entry, dict) else {"value": entry}
+        detail = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        kind = str(entry.get("notification_type") or "unknown")[:64]
+        row = db.Notification.create(
+            notification_type=kind, offer_id=_short_text(detail.get("offer_id")),
+            auction_id=_short_text(detail.get("auction_id")), message=_short_text(detail.get("message"), 2000),
+            payload=entry, received_at=now)
+        event(log, "notification.received", notification=row.id, type=kind, offer=row.offer_id)
+        if kind == "auction_deactivated":
+            alerts.raise_alert("auction_deactivated", row.offer_id or row.auction_id or "unknown",
+                               f"G2A deactivated offer {row.offer_id or row.auction_id}: {row.message}", now)
+
+
+def _short_text(value, limit=64):
+    return None if value is None else str(value)[:limit]
+
+
+def install_error_pages(app):
+    """Bottle's own errors (no route, wrong method...) as JSON too, never HTML."""
+    pages = {400: ("BR01", "bad request"), 404: ("BR02", "no such endpoint"), 405: ("BR02", "method not allowed"),
+             413: ("BR01", "request body too large"), 500: ("ERR99", "internal error")}
+    for status, (code, message) in pages.items():
+        app.error(status)(_error_page(code, message))
+
+
+def _error_page(code, message):
+    def page(error):
+        bottle.response.content_type = "application/json"
+        return json.dumps(error_body(code, message))
+    return page
+
+
+class AccessLog:
+    """WSGI wrapper: request id in and out, body size limit, one access line per request with status and latency."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        offered = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = offered if REQUEST_ID_PATTERN.match(offered) else uuid.uuid4().hex[:16]
+        token = REQUEST_ID.set(request_id)
+        status_seen = []
+
+        def start(status, headers, exc_info=None):
+            status_seen.append(status.split(" ", 1)[0])
+            return start_response(status, headers + [("X-Request-Id", request_id)], exc_info)
+        try:
+            if _too_large(environ):
+                return self._too_large(start)
+            return self.app(environ, start)
+        finally:
+            self._log(environ, status_seen, started)
+            REQUEST_ID.reset(token)
+
+    @staticmethod
+    def _too_large(start):
+        body = json.dumps(error_body("BR01", f"request body larger than {MAX_BODY_BYTES} bytes")).encode()
+        start("413 Request Entity Too Large", [("Content-Type", "application/json"),
+                                                ("Content-Length", str(len(body)))])
+        return [body]
+
+    @staticmethod
+    def _log(environ, status_seen, started):
+        path = environ.get("PATH_INFO", "")
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        event(access_log, "http", level=level, method=environ.get("REQUEST_METHOD"), path=path[:200],
+              status=status_seen[0] if status_seen else "-", ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def _too_large(environ):
+    try:
+        return int(environ.get("CONTENT_LENGTH") or 0) > MAX_BODY_BYTES
+    except ValueError:
+        return True
+
+
+def watch_mapping(settings, stop, interval=2.0):
+    """Keep products.json applied while the web process runs (the worker may be down)."""
+    watcher = MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee)
+    watcher.poll()
+
+    def loop():
+        while not stop.wait(interval):
+            try:
+                watcher.poll()
+            except Exception:  # a bad moment on disk or in the DB must not end the watcher
+                log.exception("products.watch_failed")
+    threading.Thread(target=loop, name="products-watch", daemon=True).start()
+
+
+def serve(settings, app):
+    """Run Waitress until the process is stopped."""
+    event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
+    waitress.serve(AccessLog(app), host=settings.host, port=settings.port, threads=settings.web_threads,
+                   ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4, channel_timeout=30,
+                   trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
+                   clear_untrusted_proxy_headers=True)
