@@ -274,9 +274,11 @@ def write_transaction(db=None):
     return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
 
 
-def locked(query):
-    """`query` with FOR UPDATE on PostgreSQL; SQLite's IMMEDIATE transaction already serialises writers."""
-    return query if is_sqlite() else query.for_update()
+def lock_rows(model, ids):
+    """Row locks (FOR UPDATE, in id order) on PostgreSQL; SQLite's IMMEDIATE transaction already serialises writers."""
+    if not is_sqlite():
+        list(model.select(model._meta.primary_key).where(model._meta.primary_key.in_(list(ids)))
+             .order_by(model._meta.primary_key).for_update())
 
 
 def data_dir(url):

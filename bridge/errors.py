@@ -30,6 +30,7 @@ class UpstreamError(BridgeError):
 
     def __init__(self, service, message, status=None, retryable=False, code=None):
         self.service, self.status, self.retryable, self.code = service, status, retryable, code
+        self.message = message
         super().__init__(f"{service}: {message}" + (f" (HTTP {status})" if status else ""))
 
 

@@ -36,26 +36,22 @@ class StockRefresher:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cws-refresh")
         self._inflight = {}  # product id -> Future; dict ops are atomic under the GIL
 
-    def ensure_fresh(self, cws_ids, now):
-        """Make sure the cached state of `cws_ids` is at most max_age old, waiting at most `budget` seconds."""
-        stale = self._stale(cws_ids, now)
-        if not stale:
-            return
-        futures = {self._fetch_once(pid, now) for pid in stale}
-        _, late = wait(futures, timeout=self.budget)
-        if late:
-            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale),
-                  reason=f"CWS slower than {self.budget}s")
-        for future in futures - late:
-            if future.exception() is not None:
-                event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale),
-                      reason=str(future.exception()))
+    def ensure_fresh(self, fetched_at, now):
+        """Re-fetch products whose cached state is older than max_age, waiting at most `budget` seconds.
 
-    def _stale(self, cws_ids, now):
-        rows = db.CwsProduct.select(db.CwsProduct.id, db.CwsProduct.fetched_at).where(
-            db.CwsProduct.id.in_(list(cws_ids)))
-        return sorted(r.id for r in rows
-                      if r.fetched_at is None or (now - r.fetched_at).total_seconds() > self.max_age)
+        `fetched_at` maps CWS product id -> when we last heard from CWS; True when anything was refreshed.
+        """
+        stale = sorted(pid for pid, when in fetched_at.items()
+                       if when is None or (now - when).total_seconds() > self.max_age)
+        if not stale:
+            return False
+        futures = {self._fetch_once(pid, now) for pid in stale}
+        done, late = wait(futures, timeout=self.budget)
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if late or failed:
+            reason = f"CWS slower than {self.budget}s" if late else str(failed[0])
+            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason=reason)
+        return True
 
     def _fetch_once(self, product_id, now):
         future = self._inflight.get(product_id)

@@ -46,6 +46,8 @@ class FakeG2a(FakeApi):
     hang_seconds, now (token expiry clock), fail_next faults (also "queue_full").
     """
 
+    fault_names = FakeApi.fault_names | {"queue_full"}
+
     def __init__(self):
         self.token_ttl = 3600
         self.job_polls = 1
@@ -162,9 +164,10 @@ class FakeG2a(FakeApi):
             raise HttpError(403, g2a_errors("FORBIDDEN", "Offer creation is not enabled for this account"))
         body = request.json()
         _check_keys(body, {"offerType", "variants"}, "body", required={"offerType", "variants"})
-        if body["offerType"] != "dropshipping" or not isinstance(body["variants"], list) or len(body["variants"]) != 1:
+        variants = body["variants"]
+        if body["offerType"] != "dropshipping" or not isinstance(variants, list) or len(variants) != 1:
             raise BadRequest("expected offerType 'dropshipping' and exactly one variant")
-        changes = _parse_variant(body["variants"][0], VARIANT_FIELDS, required={"productId", "price", "inventory"})
+        changes = _parse_variant(variants[0], VARIANT_FIELDS, required={"productId", "price", "inventory"})
         return self._create_from(changes)
 
     def _create_from(self, changes):

@@ -112,6 +112,7 @@ class FakeApi:
     """Base of a fake API: route table, request counter, queued faults, latency, a state lock."""
 
     hang_seconds = 30.0
+    fault_names = frozenset({"timeout", "garbage", "empty"})  # besides HTTP statuses (ints)
 
     def __init__(self):
         self.delay = 0.0
@@ -136,6 +137,9 @@ class FakeApi:
 
     def fail_next(self, path_prefix, *outcomes):
         """Queue faults for the next requests whose path starts with path_prefix, one per request."""
+        unknown = [fault for fault in outcomes if not isinstance(fault, int) and fault not in self.fault_names]
+        if unknown:
+            raise ValueError(f"unknown fault outcomes {unknown}; use HTTP statuses or {sorted(self.fault_names)}")
         with self._lock:
             self._faults.append((path_prefix, collections.deque(outcomes)))
 
@@ -154,15 +158,13 @@ class FakeApi:
         return {"rel": "self", "href": f"{self.base_url}{path}"}
 
     def fault_reply(self, outcome):
+        if isinstance(outcome, int):
+            return Reply(outcome, self.error_body(outcome, _phrase(outcome)))
         if outcome == "timeout":
             return Reply(None, hang=self.hang_seconds)
         if outcome == "garbage":
             return Reply(200, GARBAGE)
-        if outcome == "empty":
-            return Reply(200, {})
-        if isinstance(outcome, int):
-            return Reply(outcome, self.error_body(outcome, _phrase(outcome)))
-        raise ValueError(f"unknown fault outcome {outcome!r}")
+        return Reply(200, {})
 
     def handle(self, request):
         """Answer one request: (status or None, body bytes, seconds to hang first)."""

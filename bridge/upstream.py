@@ -205,7 +205,7 @@ def fetch_client_token(upstream, path, client_id, client_secret):
     except UpstreamError as err:
         if err.status not in (400, 401):
             raise
-        raise UpstreamError(upstream.service, f"authentication failed: {_message_of(err)}", status=401) from err
+        raise UpstreamError(upstream.service, f"authentication failed: {err.message}", status=401) from err
     # CWS documents two shapes: OAuth's access_token/expires_in and Spring's value/expiresIn.
     body = body if isinstance(body, dict) else {}
     token = body.get("access_token") or body.get("value")
@@ -263,9 +263,3 @@ def _positive_number(value):
         return not isinstance(value, bool) and float(value) > 0
     except (TypeError, ValueError):
         return False
-
-
-def _message_of(err):
-    """The message an UpstreamError was built with (it keeps only the formatted text)."""
-    text = str(err).removeprefix(f"{err.service}: ")
-    return text.removesuffix(f" (HTTP {err.status})") if err.status else text

@@ -373,6 +373,12 @@ def test_queued_faults_hit_the_next_matching_requests_in_order(sim):
     assert sim.cws.requests["GET /v3/products"] == 5
 
 
+def test_an_unknown_fault_outcome_is_refused_when_queued(sim):
+    with pytest.raises(ValueError):
+        sim.cws.fail_next("/v3", "queue_full")
+    sim.g2a.fail_next("/v3", "queue_full")
+
+
 def test_a_timeout_fault_holds_then_drops_the_connection(sim):
     session = cws(sim)
     sim.cws.hang_seconds = 0.2
