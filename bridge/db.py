@@ -172,6 +172,7 @@ class OrderItem(BaseModel):
     file_name = CharField(null=True)
     mime_type = CharField(null=True, max_length=64)
     fingerprint = CharField(null=True, index=True, max_length=64)
+    sale_price = MoneyField(null=True)  # what the buyer paid for this unit (the reservation line's unit_price)
     unit_cost = MoneyField(null=True)
     delivered_at = UtcDateTimeField(null=True)
     returned_at = UtcDateTimeField(null=True)
@@ -246,8 +247,7 @@ def connect(url):
     elif scheme in ("postgres", "postgresql"):
         db = PostgresqlDatabase(
             unquote(parts.path.lstrip("/")), host=parts.hostname, port=parts.port,
-            user=unquote(parts.username or "") or None, password=unquote(parts.password or "") or None,
-            autorollback=True)
+            user=unquote(parts.username or "") or None, password=unquote(parts.password or "") or None)
     else:
         raise ConfigError([f"DATABASE_URL: unsupported scheme {scheme!r}"])
     database.initialize(db)

@@ -20,7 +20,7 @@ JOB_POLL_INTERVAL, JOB_POLL_MAX = 0.5, 5.0
 QUEUE_FULL = "limit of tasks in the queue"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Offer:
     id: str
     product_id: int

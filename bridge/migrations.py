@@ -28,10 +28,11 @@ STEPS = [(1, "initial tables", _initial)]
 
 def migrate(database):
     """Apply pending steps under the database's write lock, so two processes starting together can't collide."""
-    database.create_tables([SchemaStep], safe=True)
     with models.write_transaction(database):
         if not models.is_sqlite(database):
+            # Before any DDL: two PostgreSQL sessions creating one table at once collide, IF NOT EXISTS or not.
             database.execute_sql("SELECT pg_advisory_xact_lock(4242001)")
+        database.create_tables([SchemaStep], safe=True)
         done = {step.number for step in SchemaStep.select()}
         for number, name, apply in STEPS:
             if number not in done:

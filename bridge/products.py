@@ -27,7 +27,7 @@ NOTE_KEYS = {"name", "comment", "note"}
 CHUNK = 500  # rows per bulk statement (SQLite's bound-variable limit)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mapping:
     cws_product_id: str
     g2a_product_id: int
@@ -150,45 +150,20 @@ class _Checker:
             return None
         return value
 
-    @staticmethod
-    def number(fields, key):
-        """The field as a finite Decimal, None when absent/null, or a problem when it is not a number."""
-        value = fields.get(key)
-        if value is None:
-            return None
-        try:
-            if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
-                raise InvalidOperation
-            number = Decimal(value.strip() if isinstance(value, str) else value)
-        except InvalidOperation:
-            number = None
-        if number is None or not number.is_finite():
-            raise _Bad(value)
-        return number
-
     def money(self, fields, key, where, default):
-        try:
-            number = self.number(fields, key)
-        except _Bad as bad:
-            self.problem(f"{where}.{key}", f"must be a number ≥ 0, got {_show(bad.value)}")
-            return default
-        if number is None:
-            return default
-        if number < 0:
-            self.problem(f"{where}.{key}", f"must be a number ≥ 0, got {_show(fields[key])}")
-            return default
-        return number
+        return self.bounded(fields, key, where, default, lambda n: n >= 0, "a number ≥ 0")
 
     def fee(self, fields, key, where, default):
-        try:
-            number = self.number(fields, key)
-        except _Bad as bad:
-            self.problem(f"{where}.{key}", f"must be a fraction in [0, 1), got {_show(bad.value)}")
+        return self.bounded(fields, key, where, default, lambda n: 0 <= n < 1, "a fraction in [0, 1)")
+
+    def bounded(self, fields, key, where, default, fits, wanted):
+        """The field as a Decimal (`default` when absent or null); a non-number or out-of-range value is a problem."""
+        value = fields.get(key)
+        if value is None:
             return default
-        if number is None:
-            return default
-        if not 0 <= number < 1:
-            self.problem(f"{where}.{key}", f"must be a fraction in [0, 1), got {_show(fields[key])}")
+        number = _number(value)
+        if number is None or not fits(number):
+            self.problem(f"{where}.{key}", f"must be {wanted}, got {_show(value)}")
             return default
         return number
 
@@ -219,9 +194,15 @@ class _Checker:
                              f"{mapping.g2a_product_id} is already mapped by products[{first}]")
 
 
-class _Bad(Exception):
-    def __init__(self, value):
-        self.value = value
+def _number(value):
+    """A finite Decimal from a JSON number or numeric text, else None (true/false are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
+        return None
+    try:
+        number = Decimal(value.strip() if isinstance(value, str) else value)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
 
 
 def _reject_constant(name):
@@ -240,10 +221,10 @@ def apply_mapping(mappings):
     wanted = {m.g2a_product_id: _row(m) for m in mappings}
     with db.write_transaction():
         _ensure_cws_products({m.cws_product_id for m in mappings})
-        current = {row["g2a_id"]: row for row in db.Product.select(*_COLUMNS).dicts()}
+        current = {g2a_id: stored for g2a_id, *stored in db.Product.select(*_COLUMNS).tuples().iterator()}
         added = [row for g2a_id, row in wanted.items() if g2a_id not in current]
         changed = [row for g2a_id, row in wanted.items() if g2a_id in current and _differs(current[g2a_id], row)]
-        removed = [g2a_id for g2a_id, row in current.items() if row["mapped"] and g2a_id not in wanted]
+        removed = [g2a_id for g2a_id, stored in current.items() if stored[_MAPPED] and g2a_id not in wanted]
         for start in range(0, len(added), CHUNK):
             db.Product.insert_many(added[start:start + CHUNK]).execute()
         for row in changed:
@@ -255,6 +236,7 @@ def apply_mapping(mappings):
 
 _FIELDS = ("cws_product", "mapped", "enabled", "fixed_profit", "fee", "min_price", "max_price", "max_stock")
 _COLUMNS = [db.Product.g2a_id] + [getattr(db.Product, name) for name in _FIELDS]
+_MAPPED = _FIELDS.index("mapped")
 
 
 def _row(mapping):
@@ -264,7 +246,7 @@ def _row(mapping):
 
 
 def _differs(stored, wanted):
-    return any(stored[name] != wanted[name] for name in _FIELDS)
+    return any(value != wanted[name] for name, value in zip(_FIELDS, stored))
 
 
 def _fields_only(row):
@@ -272,10 +254,12 @@ def _fields_only(row):
 
 
 def _ensure_cws_products(ids):
-    ids = sorted(ids)
-    for start in range(0, len(ids), CHUNK):
-        rows = [{"id": cws_id} for cws_id in ids[start:start + CHUNK]]
-        db.CwsProduct.insert_many(rows).on_conflict_ignore().execute()
+    """A CwsProduct row for each id (sync fills it in); only the new ones are inserted."""
+    table = db.CwsProduct._meta.table
+    known = {cws_id for (cws_id,) in table.select(table.id).tuples().iterator()}
+    rows = [{"id": cws_id} for cws_id in sorted(set(ids) - known)]
+    for start in range(0, len(rows), CHUNK):
+        db.CwsProduct.insert_many(rows[start:start + CHUNK]).on_conflict_ignore().execute()
 
 
 class MappingWatcher:

@@ -11,9 +11,11 @@ import waitress
 
 from . import alerts, db, postbacks
 from .auth import FailureBrake, TokenStore
-from .contract import check_id, error_body, parse_json, parse_reservation
+from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
+from .crypto import load_key_box
 from .cws import CwsClient
 from .errors import ContractError
+from .fulfillment import Fulfilment
 from .log import REQUEST_ID, event
 from .pause import PauseSwitch
 from .products import MappingWatcher
@@ -109,7 +111,9 @@ def create_app(settings, cws=None):
     app = bottle.Bottle(autojson=False)
     tokens, brake = TokenStore(settings), FailureBrake()
     pause = PauseSwitch(settings.service_enabled)
-    refresher = StockRefresher(cws or CwsClient(settings), settings.stock_max_age)
+    cws = cws or CwsClient(settings)
+    refresher = StockRefresher(cws, settings.stock_max_age)
+    orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
     reservations = Reservations(settings, refresher, pause)
     app.install(ErrorPlugin())
     app.install(AuthPlugin(tokens, brake))
@@ -156,6 +160,28 @@ def create_app(settings, cws=None):
         reservations.release(check_id(reservation_id, "reservation"))
         return reply(204)
 
+    @app.post("/order")
+    def create_order():
+        reservation_id, g2a_order_id = parse_order(read_body())
+        return reply(*orders.create_order(reservation_id, g2a_order_id, db.utcnow(), REQUEST_ID.get()))
+
+    @app.get("/order/<order_id>/inventory")
+    def order_inventory(order_id):
+        return reply(200, orders.inventory(check_id(order_id, "order"), db.utcnow()))
+
+    @app.delete("/order/<order_id>/inventory")
+    def return_order_items(order_id):
+        orders.return_items(check_id(order_id, "order"), returned_item_ids(bottle.request.query), db.utcnow())
+        return reply(204)
+
+    @app.get("/order/<order_id>/inventory/<item_id>")
+    def order_item_file(order_id, item_id):
+        return reply(200, orders.item_file(check_id(order_id, "order"), check_id(item_id, "item")))
+
+    @app.get("/order/<order_id>/inventory/<item_id>/account")
+    def order_item_account(order_id, item_id):
+        return reply(200, orders.item_account(check_id(order_id, "order"), check_id(item_id, "item")))
+
     @app.post("/notifications")
     def notifications():
         store_notifications(parse_json(read_body()), db.utcnow())
@@ -166,6 +192,11 @@ def create_app(settings, cws=None):
         return reply(postbacks.handle(settings, read_body(), db.utcnow()), {})
 
     return app
+
+
+def returned_item_ids(query):
+    """Item ids of DELETE /order/{id}/inventory: `id[]=A&id[]=B`, repeated `id=A`, or PHP-style `id[0]=A`."""
+    return [value for key, value in query.allitems() if key == "id" or (key.startswith("id[") and key.endswith("]"))]
 
 
 def store_notifications(data, now):

@@ -42,8 +42,8 @@ def sim():
 
 
 @pytest.fixture
-def bridge_env(tmp_path, sim):
-    """The environment of a bridge process pointed at the simulator, with its own SQLite file."""
+def bridge_env(tmp_path, sim, database_url):
+    """The environment of a bridge process pointed at the simulator, with its own database (see database_url)."""
     (tmp_path / "empty.env").write_text("")
     write_products(tmp_path / "products.json", DEMO)
     return {
@@ -52,7 +52,7 @@ def bridge_env(tmp_path, sim):
         "CWS_CLIENT_ID": CWS_CLIENT_ID, "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET,
         "CWS_CLIENT_SIGNATURE": CWS_CLIENT_SIGNATURE, "CWS_API_BASE_URL": sim.cws_url,
         "G2A_API_KEY": G2A_API_KEY, "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
-        "DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db", "PRODUCTS_FILE": str(tmp_path / "products.json"),
+        "DATABASE_URL": database_url, "PRODUCTS_FILE": str(tmp_path / "products.json"),
         "BRIDGE_SECRET_KEY": SECRET_KEY, "PORT": str(free_port()), "HOST": "127.0.0.1",
         "CWS_TIMEOUT_MS": "2000", "G2A_TIMEOUT_MS": "2000", "SYNC_INTERVAL_SECONDS": "1",
         "LOG_LEVEL": "INFO",
@@ -179,3 +179,51 @@ def fresh_db(bridge_env):
     database = migrations.open_database(bridge_env["DATABASE_URL"])
     yield db
     database.close()
+
+
+# --- Backends: a module that sets BACKENDS = ("sqlite", "postgresql") runs each test that reaches
+# bridge_env once per backend (ids end in [sqlite] / [postgresql]); other tests stay on SQLite. -------
+
+def pytest_generate_tests(metafunc):
+    backends = getattr(metafunc.module, "BACKENDS", None)
+    if backends and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database_url(backend, tmp_path, request):
+    """The DATABASE_URL the bridge processes get: a SQLite file in tmp_path, or a fresh PostgreSQL database."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return f"sqlite:///{tmp_path}/bridge.db"
+
+
+# --- PostgreSQL (tests/pg_server.py): one throwaway server per session, a fresh database per test ------
+
+import pg_server  # noqa: E402  (beside the only fixtures that use it)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server started for this test session, or a visible skip when none is installed."""
+    bin_dir = pg_server.find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(pg_server.MISSING)
+    server = pg_server.PgServer(bin_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """DATABASE_URL of a new, empty PostgreSQL database, dropped after the test."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)

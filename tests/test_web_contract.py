@@ -11,6 +11,7 @@ from bridge import pause
 from conftest import OUR_ID, OUR_SECRET, SKYLINES, SWITCH
 
 UNKNOWN_PRODUCT = 10000099999999
+BACKENDS = ("sqlite", "postgresql")  # each test runs on both databases (conftest.py)
 
 
 def assert_error(answer, status, code=None):

@@ -1,0 +1,162 @@
+"""POST /order latency (instant CWS fulfilment, sequential and 8 concurrent) and the delay from CWS completing
+a delayed order to its keys being served by GET /order/{id}/inventory, with a real worker polling.
+
+Usage: .venv/bin/python bench/order_bench.py [--orders 200] [--delayed 8]
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, DEMO_PRODUCTS, G2A_API_KEY,  # noqa: E402
+                              G2A_API_SECRET, Simulator)
+
+CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
+(INSTANT_CWS, INSTANT_G2A, *_), (DELAYED_CWS, DELAYED_G2A, *_) = DEMO_PRODUCTS
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(sim, folder, port):
+    (folder / "empty.env").write_text("")
+    (folder / "products.json").write_text(json.dumps([{"cws_product_id": cws, "g2a_product_id": int(g2a)}
+                                                      for cws, g2a, *_ in DEMO_PRODUCTS]))
+    return {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
+            "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
+            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
+            "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
+            "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
+            "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8", "STOCK_MAX_AGE_SECONDS": "3600"}
+
+
+def start(command, env, folder):
+    log = open(folder / f"{command}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_ready(base, proc):
+    for _ in range(400):
+        if proc.poll() is not None:
+            raise SystemExit(f"web exited with {proc.returncode}")
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("web never became ready")
+
+
+class G2A:
+    """G2A's side: one keep-alive session per thread."""
+
+    def __init__(self, base):
+        self.base, self.local = base, threading.local()
+        token = requests.get(f"{base}/oauth/token", params={
+            "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}).json()
+        self.headers = {"Authorization": f"Bearer {token['access_token']}"}
+        self.next_id = iter(range(80201000000000, 80209000000000))
+        self.lock = threading.Lock()
+
+    def session(self):
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.headers.update(self.headers)
+        return self.local.session
+
+    def order(self, g2a_product):
+        """(seconds POST /order took, status, body, g2a_order_id) for a fresh reservation of one key."""
+        http = self.session()
+        reservation = http.post(f"{self.base}/reservation", json=[{"product_id": int(g2a_product), "quantity": 1}])
+        assert reservation.status_code == 200, reservation.text
+        with self.lock:
+            g2a_order_id = next(self.next_id)
+        started = time.perf_counter()
+        answer = http.post(f"{self.base}/order", json={"reservation_id": reservation.json()["reservation_id"],
+                                                      "g2a_order_id": g2a_order_id})
+        return time.perf_counter() - started, answer.status_code, answer.json(), g2a_order_id
+
+    def keys(self, order_id):
+        answer = self.session().get(f"{self.base}/order/{order_id}/inventory")
+        return [line for entry in answer.json() for line in entry["inventory"]]
+
+
+def percentiles(seconds):
+    ms = sorted(s * 1000 for s in seconds)
+    p95 = ms[min(len(ms) - 1, int(len(ms) * 0.95))]
+    return f"n={len(ms)} p50={statistics.median(ms):.1f} ms p95={p95:.1f} ms max={ms[-1]:.1f} ms"
+
+
+def instant(g2a, count, threads):
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda _: g2a.order(INSTANT_G2A), range(count)))
+    assert all(result[1] == 200 for result in results), {result[1] for result in results}
+    return [result[0] for result in results]
+
+
+def delivery_delays(g2a, sim, count):
+    """Place `count` delayed orders (answered 202), then complete each at CWS and time until G2A sees its keys."""
+    with ThreadPoolExecutor(count) as pool:
+        placed = list(pool.map(lambda _: g2a.order(DELAYED_G2A), range(count)))
+    assert all(result[1] == 202 for result in placed), {result[1] for result in placed}
+    by_client = {o["clientOrderId"]: o["orderId"] for o in sim.cws.orders}
+    delays = []
+    for _, _, body, g2a_order_id in placed:
+        cws_order = by_client[f"g2a-{g2a_order_id}"]
+        time.sleep(0.37)  # complete at an arbitrary moment relative to the worker's ticks
+        sim.cws.complete_order(cws_order)
+        completed = time.perf_counter()
+        while not g2a.keys(body["order_id"]):
+            time.sleep(0.01)
+        delays.append(time.perf_counter() - completed)
+    return delays
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=200, help="instant orders per run (default 200)")
+    parser.add_argument("--delayed", type=int, default=8, help="delayed orders to time (default 8)")
+    args = parser.parse_args(argv)
+    with Simulator() as sim, tempfile.TemporaryDirectory() as tmp:
+        sim.seed_demo()
+        sim.cws.balance = Decimal("1000000")
+        sim.cws.set_quantity(INSTANT_CWS, 10 * args.orders + 100)
+        sim.cws.set_quantity(DELAYED_CWS, args.delayed + 10)
+        sim.cws.set_fulfilment(DELAYED_CWS, "delayed", polls=10**9)
+        folder, port = Path(tmp), free_port()
+        env = environment(sim, folder, port)
+        web, worker = start("web", env, folder), start("worker", env, folder)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base, web)
+            g2a = G2A(base)
+            instant(g2a, 10, 1)  # warm-up: tokens, connections, caches
+            print(f"POST /order, instant, sequential:    {percentiles(instant(g2a, args.orders, 1))}")
+            print(f"POST /order, instant, 8 concurrent:  {percentiles(instant(g2a, args.orders, 8))}")
+            print(f"CWS completes -> keys in inventory:  {percentiles(delivery_delays(g2a, sim, args.delayed))}")
+        finally:
+            for proc in (web, worker):
+                proc.terminate()
+                proc.wait(15)
+
+
+if __name__ == "__main__":
+    main()

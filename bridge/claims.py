@@ -1,0 +1,140 @@
+"""Order rows: the claim transaction of POST /order and every later change of an order's state (database only).
+
+The claim commits before anything is bought (STYLE 15): reservation used, order and items created with
+ids that never change, pooled keys taken, all in one transaction.
+"""
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+from peewee import Case, IntegrityError
+
+from . import db
+from .errors import ContractError
+from .keys import KeyStore
+from .reservations import ACTIVE, ORDERED
+
+WAITING = (db.FULFILLING, db.PREORDER)  # states that may be re-set to themselves (a new check time)
+
+
+def client_order_id(g2a_order_id):
+    """Our id for the CWS purchase: stable across retries and restarts, the handle of crash recovery."""
+    return f"g2a-{g2a_order_id}"
+
+
+def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None):
+    """Turn an active reservation into an order (CLAIMED, or COMPLETED when returned keys cover it).
+
+    404 unknown reservation, 409 already ordered (this reservation or this G2A order), 410 expired or released."""
+    try:
+        with db.write_transaction():
+            _claimable(reservation_id, g2a_order_id, now)
+            lines = list(db.ReservationLine.select().where(
+                db.ReservationLine.reservation == reservation_id, db.ReservationLine.active == True)  # noqa: E712
+                .order_by(db.ReservationLine.id))
+            if not lines:
+                raise ContractError(410, "BR02", f"reservation {reservation_id} holds no stock any more")
+            order = db.Order.create(
+                id=str(uuid.uuid4()), reservation=reservation_id, g2a_order_id=g2a_order_id, state=db.CLAIMED,
+                cws_client_order_id=client_order_id(g2a_order_id), created_at=now, updated_at=now, placed_at=now,
+                next_check_at=check_at, request_id=request_id, sale_total=_sale_total(lines))
+            items = _create_items(order, lines)
+            if KeyStore.fill_from_pool(items, now) == len(items):
+                db.Order.update(state=db.COMPLETED, completed_at=now, placed_at=None, next_check_at=None).where(
+                    db.Order.id == order.id).execute()
+            db.Reservation.update(state=ORDERED).where(db.Reservation.id == reservation_id).execute()
+            db.ReservationLine.update(active=False).where(db.ReservationLine.reservation == reservation_id).execute()
+    except IntegrityError:  # a concurrent claim won between our check and our insert (PostgreSQL)
+        raise _conflict(f"an order already exists for reservation {reservation_id} "
+                        f"or G2A order {g2a_order_id}") from None
+    return db.Order.get_by_id(order.id)
+
+
+def _claimable(reservation_id, g2a_order_id, now):
+    db.lock_rows(db.Reservation, [reservation_id])
+    reservation = db.Reservation.get_or_none(db.Reservation.id == reservation_id)
+    if reservation is None:
+        raise ContractError(404, "BR02", f"reservation {reservation_id} not found")
+    existing = db.Order.get_or_none((db.Order.reservation == reservation_id) | (db.Order.g2a_order_id == g2a_order_id))
+    if existing is not None:
+        raise _conflict(f"order {existing.id} already exists for reservation {existing.reservation_id} "
+                        f"(G2A order {existing.g2a_order_id}); fetch its keys from GET /order/{existing.id}/inventory")
+    if reservation.state != ACTIVE:
+        raise ContractError(410, "BR02", f"reservation {reservation_id} was {reservation.state}")
+    if reservation.expires_at <= now:
+        raise ContractError(410, "BR02", f"reservation {reservation_id} expired at {reservation.expires_at.isoformat()}")
+    return reservation
+
+
+def _conflict(message):
+    return ContractError(409, "BR02", message)
+
+
+def _sale_total(lines):
+    if any(line.unit_price is None for line in lines):
+        return None
+    return sum((line.unit_price * line.quantity for line in lines), start=0)
+
+
+def _create_items(order, lines):
+    """One item per key unit, its id assigned now and kept forever (G2A returns and fetches files by it)."""
+    rows = [{"id": str(uuid.uuid4()), "order": order.id, "position": position, "g2a_product_id": line.g2a_product_id,
+             "cws_product_id": line.cws_product_id, "sale_price": line.unit_price}
+            for position, line in enumerate(unit for line in lines for unit in [line] * line.quantity)]
+    db.OrderItem.insert_many(rows).execute()
+    return list(db.OrderItem.select().where(db.OrderItem.order == order.id).order_by(db.OrderItem.position))
+
+
+def cws_lines(order_id):
+    """[(cws_product_id, quantity, None)] still to buy from CWS. No price cap: the buyer has paid, so a price
+    that rose since the reservation is bought anyway (and alerted as a loss), never refused."""
+    counts = Counter(item.cws_product_id for item in db.OrderItem.select(db.OrderItem.cws_product_id).where(
+        db.OrderItem.order == order_id, db.OrderItem.source == "cws").order_by(db.OrderItem.position))
+    return [(product_id, quantity, None) for product_id, quantity in counts.items()]
+
+
+def move(order_id, state, now, **fields):
+    """Set the state (and fields) if ORDER_TRANSITIONS allows it from the state the order is in; False if not."""
+    sources = [source for source, targets in db.ORDER_TRANSITIONS.items()
+               if state in targets or (source == state and state in WAITING)]
+    return db.Order.update(state=state, updated_at=now, **fields).where(
+        db.Order.id == order_id, db.Order.state.in_(sources)).execute() == 1
+
+
+def reschedule(order_id, at):
+    db.Order.update(next_check_at=at).where(db.Order.id == order_id).execute()
+
+
+def record_placement(order_id, cws_order, now, check_at):
+    """CWS holds our purchase: remember its id and cost, and lower the cached CWS stock by what we bought.
+
+    False when the order already left CLAIMED (the web process and recovery may both find the same purchase)."""
+    costs = {product.product_id: product.unit_price for product in cws_order.products}
+    with db.write_transaction():
+        moved = db.Order.update(state=db.FULFILLING, cws_order_id=cws_order.order_id, cost_total=cws_order.total_price,
+                                updated_at=now, next_check_at=check_at).where(
+            db.Order.id == order_id, db.Order.state == db.CLAIMED, db.Order.cws_order_id.is_null()).execute()
+        if not moved:
+            return False
+        for product_id, quantity, _ in cws_lines(order_id):
+            db.OrderItem.update(unit_cost=costs.get(product_id)).where(
+                db.OrderItem.order == order_id, db.OrderItem.cws_product_id == product_id,
+                db.OrderItem.source == "cws").execute()
+            product = db.CwsProduct
+            product.update(quantity=Case(None, [(product.quantity > quantity, product.quantity - quantity)], 0)).where(
+                product.id == product_id).execute()
+    return True
+
+
+def begin_send(order_id, placed_at, now, check_at):
+    """Take the turn to send the CWS purchase: True for exactly one caller that read `placed_at`.
+
+    The web's purchase thread, the worker's two recovery paths and `retry` may all reach for the same claim;
+    the new placed_at also starts the grace period recovery waits out before it would send again."""
+    return db.Order.update(placed_at=now, updated_at=now, next_check_at=check_at).where(
+        db.Order.id == order_id, db.Order.state == db.CLAIMED, db.Order.cws_order_id.is_null(),
+        db.Order.placed_at == placed_at).execute() == 1
+
+
+def later(now, seconds):
+    return now + timedelta(seconds=seconds)

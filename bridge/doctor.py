@@ -1,0 +1,151 @@
+"""Operator checks for `g2a-bridge doctor`: config, database, products.json, data folder, secret key, CWS, G2A.
+
+Each check is a Result with what it found and, when it failed, what to do. Config comes first and alone:
+a config that does not load means no network call at all.
+"""
+import tempfile
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from peewee import PeeweeException
+
+from . import db
+from .crypto import KEY_FILE_NAME, load_key_box
+from .cws import CwsClient
+from .errors import BridgeError, ConfigError, UpstreamError
+from .g2a import G2aClient
+from .migrations import SchemaStep, open_database
+from .products import load_mapping
+
+CONFIG_REMEDY = "fix it in bridge.env (or .env / ENV_FILE), then run g2a-bridge doctor again"
+LOCAL_ERRORS = (PeeweeException, OSError, BridgeError)
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+
+    def line(self):
+        text = f"{'ok  ' if self.ok else 'FAIL'} {self.name:<12} {self.detail}"
+        return f"{text}  -> {self.remedy}" if self.remedy and not self.ok else text
+
+
+def config_failures(error):
+    """One FAIL line per configuration problem."""
+    return [Result("config", False, problem, CONFIG_REMEDY) for problem in error.problems]
+
+
+def checks(settings):
+    """Every check after the config loaded, in order, as each finishes (the network ones may take a while)."""
+    yield check_config(settings)
+    database = check_database(settings)
+    yield database
+    yield check_products(settings)
+    yield check_data_dir(settings)
+    yield check_secret_key(settings, database.ok)
+    yield check_cws(settings)
+    yield check_g2a(settings)
+
+
+def check_config(settings):
+    note = "" if settings.cws_client_signature else " (CWS_CLIENT_SIGNATURE is empty: CWS postbacks are refused)"
+    return Result("config", True, f"loaded; G2A {settings.g2a_env} at {settings.g2a_base_url}, "
+                                  f"CWS at {settings.cws_base_url}{note}")
+
+
+def check_database(settings):
+    where = safe_url(settings.database_url)
+    try:
+        open_database(settings.database_url)
+        step = SchemaStep.select().order_by(SchemaStep.number.desc()).first()
+    except LOCAL_ERRORS as err:
+        return Result("database", False, f"{where}: {one_line(err)}",
+                      "check DATABASE_URL; the database (or its folder) must be writable by the service user")
+    return Result("database", True, f"{where} reachable, schema at step {step.number}")
+
+
+def check_products(settings):
+    try:
+        mappings = load_mapping(settings.products_file, settings.default_fixed_profit, settings.default_fee)
+    except ConfigError as err:
+        return Result("products", False, "; ".join(err.problems),
+                      f"fix {settings.products_file} (see README.md, products.json)")
+    enabled = sum(1 for mapping in mappings if mapping.enabled)
+    return Result("products", True, f"{settings.products_file}: {len(mappings)} products ({enabled} enabled)")
+
+
+def check_data_dir(settings):
+    folder = db.data_dir(settings.database_url)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return Result("data folder", False, f"{folder}: {err.strerror or err}",
+                      f"make {folder} writable by the service user (chown g2a-bridge {folder})")
+    return Result("data folder", True, f"{folder.resolve()} writable")
+
+
+def check_secret_key(settings, database_ok):
+    """The key works, and (with a database) still opens the keys stored with it."""
+    folder = db.data_dir(settings.database_url)
+    try:
+        box = load_key_box(settings.bridge_secret_key, folder)
+        box.decrypt(box.encrypt(b"doctor"))
+        stored = _one_stored_key() if database_ok else None
+        if stored is not None:
+            box.decrypt(stored)
+    except LOCAL_ERRORS as err:
+        return Result("secret key", False, one_line(err),
+                      "restore the BRIDGE_SECRET_KEY the stored keys were encrypted with")
+    source = "BRIDGE_SECRET_KEY" if settings.bridge_secret_key else f"generated {folder / KEY_FILE_NAME}"
+    checked = "opens the stored keys" if stored is not None else "encrypts and decrypts"
+    return Result("secret key", True, f"{source} {checked}; keep a backup of it")
+
+
+def _one_stored_key():
+    item = db.OrderItem.select(db.OrderItem.secret).where(db.OrderItem.secret.is_null(False)).first()
+    return None if item is None else item.secret
+
+
+def check_cws(settings):
+    try:
+        account = CwsClient(settings).account()
+    except UpstreamError as err:
+        return Result("CWS", False, one_line(err),
+                      upstream_remedy(err, "CWS_CLIENT_ID and CWS_CLIENT_SECRET", "CWS_API_BASE_URL"))
+    low = (f"; below CWS_LOW_BALANCE {settings.cws_low_balance}: top up"
+           if account.balance < settings.cws_low_balance else "")
+    return Result("CWS", True, f"token ok, balance {account.balance} {settings.currency}{low}")
+
+
+def check_g2a(settings):
+    try:
+        next(G2aClient(settings).offers(), None)
+    except UpstreamError as err:
+        return Result("G2A", False, one_line(err),
+                      upstream_remedy(err, "G2A_API_KEY and G2A_API_SECRET", "G2A_API_BASE_URL / G2A_ENV"))
+    return Result("G2A", True, "token ok, offers readable")
+
+
+def upstream_remedy(err, credentials, url_names):
+    if err.status == 401:
+        return f"check {credentials} in bridge.env (and that they belong to this environment)"
+    if err.status is None:
+        return f"check {url_names} and that this machine can reach it over HTTPS"
+    return "the service answered with an error; try again later, and check its status page"
+
+
+def safe_url(url):
+    """DATABASE_URL without its password."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def one_line(err):
+    return " ".join(str(err).split()) or type(err).__name__

@@ -1,0 +1,158 @@
+"""Status figures for `g2a-bridge status` (and a deep health check): read-only queries, one screen of text.
+
+`attention` lists what an operator should act on; the CLI exits 1 when it is not empty.
+"""
+import json
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+
+from peewee import fn
+
+from . import db, lease, pause
+
+SYNC_KEY = "sync.last_pass"
+BALANCE_KEY = "cws.balance"
+SYNC_STATES = ("in_sync", "pending", "failed")
+NOTIFICATION_WINDOW = timedelta(hours=24)
+
+
+def collect(settings, now):
+    """Every figure as plain JSON-able values."""
+    figures = {
+        "selling": "paused" if pause.read_paused(not settings.service_enabled) else "running",
+        "products": _products(),
+        "offers": _counts(db.Product.sync_state, SYNC_STATES, db.Product.mapped == True),  # noqa: E712
+        "orders": _counts(db.Order.state, db.ORDER_STATES),
+        "last_sync": _last_sync(now),
+        "cws_balance": _balance(settings, now),
+        "notifications_24h": db.Notification.select().where(
+            db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
+        "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
+        "worker": _worker(now),
+    }
+    figures["attention"] = attention(figures, settings)
+    return figures
+
+
+def _products():
+    mapped = db.Product.select().where(db.Product.mapped == True)  # noqa: E712
+    return {"mapped": mapped.count(), "enabled": mapped.where(db.Product.enabled == True).count()}  # noqa: E712
+
+
+def _counts(column, names, *where):
+    """{name: rows with column == name} for every name, zeros included."""
+    query = column.model.select(column, fn.COUNT(1)).group_by(column)
+    found = dict((query.where(*where) if where else query).tuples())
+    return {name: found.get(name, 0) for name in names}
+
+
+def _age(row, now):
+    return round((now - row.updated_at).total_seconds(), 1)
+
+
+def _last_sync(now):
+    row = db.Setting.get_or_none(db.Setting.key == SYNC_KEY)
+    if row is None:
+        return None
+    report = _json(row.value)
+    return {"age_seconds": _age(row, now), "writes": report.get("writes"), "failed": report.get("failed"),
+            "errors": report.get("errors") or []}
+
+
+def _balance(settings, now):
+    row = db.Setting.get_or_none(db.Setting.key == BALANCE_KEY)
+    amount = None if row is None else _amount(row.value)
+    if amount is None:
+        return None
+    return {"amount": str(amount), "currency": settings.currency, "age_seconds": _age(row, now),
+            "low": amount < settings.cws_low_balance}
+
+
+def _amount(value):
+    """The balance from a stored "123.45" or {"balance": "123.45", ...}."""
+    data = _json(value)
+    try:
+        return Decimal(str(data.get("balance", data.get("amount")) if data else value))
+    except InvalidOperation:
+        return None
+
+
+def _json(value):
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _worker(now):
+    row = db.Lease.get_or_none(db.Lease.name == lease.WORKER)
+    if row is None:
+        return None
+    return {"holder": row.holder, "heartbeat_age_seconds": round((now - row.heartbeat_at).total_seconds(), 1)}
+
+
+def attention(figures, settings):
+    """One line per thing that needs the operator, with what to do about it."""
+    lines = []
+    worker = figures["worker"]
+    if worker is None or worker["heartbeat_age_seconds"] > lease.TTL.total_seconds():
+        lines.append("worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)")
+    if figures["orders"]["failed"]:
+        lines.append(f"{figures['orders']['failed']} FAILED orders: g2a-bridge orders --state failed, "
+                     "then g2a-bridge retry ORDER_ID")
+    if figures["offers"]["failed"]:
+        lines.append(f"{figures['offers']['failed']} offers failed to sync: g2a-bridge sync --dry-run, "
+                     "and journalctl -u g2a-bridge-worker")
+    sync = figures["last_sync"]
+    if sync is not None and sync["age_seconds"] > max(3 * settings.sync_interval, 60):
+        lines.append(f"last sync pass was {age_text(sync['age_seconds'])} ago: is the worker stuck?")
+    balance = figures["cws_balance"]
+    if balance is not None and balance["low"]:
+        lines.append(f"CWS balance {balance['amount']} {balance['currency']} is below CWS_LOW_BALANCE "
+                     f"{settings.cws_low_balance}: top up your CodesWholesale account")
+    return lines
+
+
+def age_text(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def render(figures):
+    """The human screen: one fact per line, then what needs attention."""
+    offers, orders = figures["offers"], figures["orders"]
+    rows = [
+        ("selling", figures["selling"]),
+        ("products", f"{figures['products']['mapped']} mapped ({figures['products']['enabled']} enabled)"),
+        ("offers", f"{offers['in_sync']} in sync, {offers['pending']} pending, {offers['failed']} failed"),
+        ("orders", ", ".join(f"{state} {count}" for state, count in orders.items())),
+        ("last sync", _sync_text(figures["last_sync"])),
+        ("CWS balance", _balance_text(figures["cws_balance"])),
+        ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
+        ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
+        ("worker", _worker_text(figures["worker"])),
+    ]
+    lines = [f"{label:<14} {value}" for label, value in rows]
+    lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
+    return "\n".join(lines)
+
+
+def _sync_text(sync):
+    if sync is None:
+        return "never"
+    return f"{age_text(sync['age_seconds'])} ago ({sync['writes']} writes, {sync['failed']} failed)"
+
+
+def _balance_text(balance):
+    if balance is None:
+        return "unknown (the worker checks it every 5 min)"
+    return f"{balance['amount']} {balance['currency']} (checked {age_text(balance['age_seconds'])} ago)"
+
+
+def _worker_text(worker):
+    if worker is None:
+        return "never seen"
+    return f"heartbeat {age_text(worker['heartbeat_age_seconds'])} ago ({worker['holder']})"

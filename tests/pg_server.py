@@ -1,0 +1,117 @@
+"""A throwaway PostgreSQL server for one test session: found on PATH or under /usr/lib/postgresql,
+started on a free loopback port with trust auth and fsync off, one fresh database per test, gone at the end.
+"""
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg2
+
+MISSING = "PostgreSQL server binary not found (apt-get install postgresql)"
+SUPERUSER = "bridge"
+# Speed over durability: the data dir is thrown away with the session.
+SERVER_OPTIONS = {"listen_addresses": "127.0.0.1", "fsync": "off", "synchronous_commit": "off",
+                  "full_page_writes": "off", "max_connections": "200", "shared_buffers": "32MB"}
+
+
+def find_bin_dir():
+    """The folder holding initdb, pg_ctl and postgres: PATH first, then the newest /usr/lib/postgresql/N/bin."""
+    on_path = shutil.which("pg_ctl")
+    candidates = [Path(on_path).resolve().parent] if on_path else []
+    versions = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += [Path(d) for d in sorted(versions, key=_version, reverse=True)]
+    for folder in candidates:
+        if all((folder / name).is_file() for name in ("initdb", "pg_ctl", "postgres")):
+            return folder
+    return None
+
+
+def _version(path):
+    number = Path(path).parent.name
+    return int(number) if number.isdigit() else 0
+
+
+def _server_user():
+    """initdb refuses to run as root: then the server runs as `postgres` (Debian's package) or `nobody`."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PgServer:
+    """start() once, database_url() per test, stop() at the end."""
+
+    def __init__(self, bin_dir):
+        self.bin_dir, self.user = Path(bin_dir), _server_user()
+        self.root = Path(tempfile.mkdtemp(prefix="bridge-pg-"))
+        self.data, self.sockets, self.log = self.root / "data", self.root / "sockets", self.root / "server.log"
+        self.port, self._numbers = None, itertools.count(1)
+
+    def start(self):
+        self.sockets.mkdir()
+        if self.user is not None:
+            os.chmod(self.root, 0o700)
+            for path in (self.root, self.sockets):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        self._run("initdb", "-D", self.data, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+        self.port = _free_port()
+        options = " ".join(f"-c {key}={value}" for key, value in
+                           {**SERVER_OPTIONS, "port": self.port, "unix_socket_directories": self.sockets}.items())
+        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", self.data, "-l", self.log, "-o", options)
+        return self
+
+    def stop(self):
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "stop", "-m", "immediate", "-w", "-D", self.data, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, name):
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{name}"
+
+    def create_database(self):
+        """A new empty database (test_1, test_2 ...) and its DATABASE_URL."""
+        name = f"test_{next(self._numbers)}"
+        self._admin(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def drop_database(self, url):
+        """WITH (FORCE): a bridge process that was killed may still hold a connection."""
+        self._admin(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+    def _admin(self, sql):
+        connection = psycopg2.connect(self.url("postgres"))
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            connection.close()
+
+    def _run(self, program, *args, check=True):
+        command = [str(self.bin_dir / program), *map(str, args)]
+        if self.user is not None:
+            command = ["runuser", "-u", self.user.pw_name, "--", *command]
+        done = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{program} failed ({done.returncode}):\n{done.stdout}{done.stderr}{self.logs()}")
+        return done
+
+    def logs(self):
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -1,0 +1,99 @@
+"""Logs as journald gets them: the real web and worker, a whole sale driven through them, and not one secret or
+key in the output; JSON lines parse; LOG_LEVEL is obeyed; noisy libraries are held down."""
+import json
+import logging
+
+import pytest
+import requests
+from conftest import DEMO, OUR_ID, OUR_SECRET, SECRET_KEY, SWITCH
+from fake_webhook import webhook  # noqa: F401 (a fixture)
+from polling import wait_for
+
+from bridge import log as logsetup
+from bridge.simulator import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_SECRET
+
+
+def cws_token(sim):
+    """The token the bridge holds (the fake CWS hands out the same one while it is valid)."""
+    answer = requests.post(f"{sim.cws_url}/oauth/token", data={
+        "grant_type": "client_credentials", "client_id": CWS_CLIENT_ID, "client_secret": CWS_CLIENT_SECRET})
+    return answer.json()["access_token"]
+
+
+def drive_a_sale(g2a, sim):
+    """Token, Basic auth, a refused secret, reservation, order with a key, inventory, notification, postback;
+    returns the values that must never be logged."""
+    g2a.http.get(f"{g2a.base_url}/healthcheck", auth=(OUR_ID, OUR_SECRET), timeout=10)
+    g2a.http.get(f"{g2a.base_url}/oauth/token", params={"client_id": OUR_ID, "client_secret": "guessed-secret-1"})
+    reservation = g2a.reserve((SWITCH, 1)).json()
+    order = g2a.call("POST", "/order", {"reservation_id": reservation["reservation_id"],
+                                        "g2a_order_id": 80201000000777}).json()
+    inventory = g2a.call("GET", f"/order/{order['order_id']}/inventory").json()
+    g2a.call("POST", "/notifications", [{"notification_type": "auction_deactivated",
+                                         "data": {"offer_id": "offer-1", "message": "stock mismatch"}}])
+    postback = sim.cws.postback("STOCK", products=[sim.cws.stock_entry(DEMO[0]["cws_product_id"])])
+    sim.cws.send_postback(f"{g2a.base_url}/cws/postback", postback)
+    return {"delivered key": inventory[0]["inventory"][0]["value"], "our access token": g2a.token(),
+            "CWS token": cws_token(sim), "CWS postback authHash": postback["authHash"]}
+
+
+SECRETS = {"OUR_API_CLIENT_SECRET": OUR_SECRET, "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET,
+           "CWS_CLIENT_SIGNATURE": CWS_CLIENT_SIGNATURE, "G2A_API_SECRET": G2A_API_SECRET,
+           "BRIDGE_SECRET_KEY": SECRET_KEY, "a guessed secret": "guessed-secret-1"}
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_secret_and_no_key_reaches_the_logs(start_bridge, sim, webhook, fmt):
+    env = {"LOG_FORMAT": fmt, "LOG_LEVEL": "DEBUG", "ALERT_WEBHOOK_URL": webhook.url}
+    web, worker = start_bridge("web", **env), start_bridge("worker", **env)
+    wait_for(lambda: sim.g2a.offer_for_product(str(SWITCH))["active"])
+    values = {**SECRETS, **drive_a_sale(web.g2a, sim), "webhook path": "secret-path"}
+    wait_for(lambda: any("auction_deactivated" in text for text in webhook.texts()))
+    web.stop(), worker.stop()
+    logs = web.logs() + worker.logs()
+    assert "order.completed" in logs and "alert.sent" in logs
+    leaked = [name for name, value in values.items() if value in logs]
+    assert leaked == []
+
+
+def test_every_json_log_line_is_one_object_with_the_same_fields(start_bridge, sim):
+    web = start_bridge("web", LOG_FORMAT="json")
+    worker = start_bridge("worker", LOG_FORMAT="json")
+    wait_for(lambda: "sync.full_pass" in worker.logs())
+    web.g2a.reserve((SWITCH, 1))
+    web.stop(), worker.stop()
+    lines = (web.logs() + worker.logs()).splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= set(record) for record in records)
+    access = [r for r in records if r["msg"] == "http" and r["path"] == "/reservation"]
+    assert access and access[0]["status"] == "200" and access[0]["request_id"]
+    assert any(r["msg"] == "worker.stopped" for r in records)
+
+
+def test_log_level_warning_hides_the_info_lines(start_bridge):
+    web = start_bridge("web", LOG_LEVEL="WARNING")
+    web.g2a.reserve((SWITCH, 1))
+    web.stop()
+    assert "INFO" not in web.logs() and "web.listening" not in web.logs()
+
+
+def test_log_level_debug_shows_the_health_checks(start_bridge):
+    web = start_bridge("web", LOG_LEVEL="DEBUG")
+    requests.get(f"{web.g2a.base_url}/health", timeout=5)
+    web.stop()
+    assert "DEBUG bridge.access http method=GET path=/health status=200" in web.logs()
+
+
+def test_noisy_libraries_stay_quiet_even_at_debug():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logsetup.setup("DEBUG")
+        assert logging.getLogger("waitress.queue").getEffectiveLevel() >= logging.WARNING
+        assert logging.getLogger("urllib3").getEffectiveLevel() >= logging.WARNING
+        assert logging.getLogger("bridge.worker").getEffectiveLevel() == logging.DEBUG
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name in ("waitress.queue", "urllib3", "requests", "peewee"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
