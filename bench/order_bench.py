@@ -1,6 +1,8 @@
 """POST /order latency (instant CWS fulfilment, sequential and 8 concurrent) and the delay from CWS completing
 a delayed order to its keys being served by GET /order/{id}/inventory, with a real worker polling.
 
+The simulator, web and worker each run in their own process (driven through the simulator's /_sim/ routes),
+so the benchmark's client threads do not share a GIL with the fake CWS.
 Usage: .venv/bin/python bench/order_bench.py [--orders 200] [--delayed 8]
 """
 import argparse
@@ -14,7 +16,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
 from pathlib import Path
 
 import requests
@@ -23,10 +24,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, DEMO_PRODUCTS, G2A_API_KEY,  # noqa: E402
-                              G2A_API_SECRET, Simulator)
+                              G2A_API_SECRET)
 
 CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 (INSTANT_CWS, INSTANT_G2A, *_), (DELAYED_CWS, DELAYED_G2A, *_) = DEMO_PRODUCTS
+SIMULATOR = """
+import sys, threading
+from decimal import Decimal
+from bridge.simulator import Simulator
+sim = Simulator(int(sys.argv[1]), int(sys.argv[2])).start()
+sim.seed_demo()
+sim.cws.balance = Decimal("1000000")  # no control route for it
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+class Sim:
+    """The fake CWS in its own process, driven over HTTP."""
+
+    def __init__(self):
+        self.cws_port, self.g2a_port = free_port(), free_port()
+        self.cws_url, self.g2a_url = f"http://127.0.0.1:{self.cws_port}", f"http://127.0.0.1:{self.g2a_port}"
+        self.proc = subprocess.Popen([sys.executable, "-c", SIMULATOR, str(self.cws_port), str(self.g2a_port)],
+                                     cwd=ROOT, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline().strip() == b"ready"
+
+    def control(self, method, path, body=None):
+        answer = requests.request(method, f"{self.cws_url}/_sim/{path}", json=body, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def free_port():
@@ -117,12 +148,12 @@ def delivery_delays(g2a, sim, count):
     with ThreadPoolExecutor(count) as pool:
         placed = list(pool.map(lambda _: g2a.order(DELAYED_G2A), range(count)))
     assert all(result[1] == 202 for result in placed), {result[1] for result in placed}
-    by_client = {o["clientOrderId"]: o["orderId"] for o in sim.cws.orders}
+    by_client = {o["clientOrderId"]: o["orderId"] for o in sim.control("GET", "orders")["items"]}
     delays = []
     for _, _, body, g2a_order_id in placed:
         cws_order = by_client[f"g2a-{g2a_order_id}"]
         time.sleep(0.37)  # complete at an arbitrary moment relative to the worker's ticks
-        sim.cws.complete_order(cws_order)
+        sim.control("POST", f"orders/{cws_order}/complete")
         completed = time.perf_counter()
         while not g2a.keys(body["order_id"]):
             time.sleep(0.01)
@@ -135,12 +166,11 @@ def main(argv=None):
     parser.add_argument("--orders", type=int, default=200, help="instant orders per run (default 200)")
     parser.add_argument("--delayed", type=int, default=8, help="delayed orders to time (default 8)")
     args = parser.parse_args(argv)
-    with Simulator() as sim, tempfile.TemporaryDirectory() as tmp:
-        sim.seed_demo()
-        sim.cws.balance = Decimal("1000000")
-        sim.cws.set_quantity(INSTANT_CWS, 10 * args.orders + 100)
-        sim.cws.set_quantity(DELAYED_CWS, args.delayed + 10)
-        sim.cws.set_fulfilment(DELAYED_CWS, "delayed", polls=10**9)
+    sim = Sim()
+    with tempfile.TemporaryDirectory() as tmp:
+        sim.control("POST", f"products/{INSTANT_CWS}", {"quantity": 10 * args.orders + 100})
+        sim.control("POST", f"products/{DELAYED_CWS}", {"quantity": args.delayed + 10})
+        sim.control("POST", f"fulfilment/{DELAYED_CWS}", {"mode": "delayed", "polls": 10**9})
         folder, port = Path(tmp), free_port()
         env = environment(sim, folder, port)
         web, worker = start("web", env, folder), start("worker", env, folder)
@@ -156,6 +186,7 @@ def main(argv=None):
             for proc in (web, worker):
                 proc.terminate()
                 proc.wait(15)
+            sim.stop()
 
 
 if __name__ == "__main__":

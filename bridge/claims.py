@@ -97,12 +97,14 @@ def move(order_id, state, now, **fields):
     """Set the state (and fields) if ORDER_TRANSITIONS allows it from the state the order is in; False if not."""
     sources = [source for source, targets in db.ORDER_TRANSITIONS.items()
                if state in targets or (source == state and state in WAITING)]
-    return db.Order.update(state=state, updated_at=now, **fields).where(
-        db.Order.id == order_id, db.Order.state.in_(sources)).execute() == 1
+    with db.write_transaction():  # queue on the process's writer mutex, not SQLite's busy handler
+        return db.Order.update(state=state, updated_at=now, **fields).where(
+            db.Order.id == order_id, db.Order.state.in_(sources)).execute() == 1
 
 
 def reschedule(order_id, at):
-    db.Order.update(next_check_at=at).where(db.Order.id == order_id).execute()
+    with db.write_transaction():
+        db.Order.update(next_check_at=at).where(db.Order.id == order_id).execute()
 
 
 def record_placement(order_id, cws_order, now, check_at):
@@ -131,9 +133,10 @@ def begin_send(order_id, placed_at, now, check_at):
 
     The web's purchase thread, the worker's two recovery paths and `retry` may all reach for the same claim;
     the new placed_at also starts the grace period recovery waits out before it would send again."""
-    return db.Order.update(placed_at=now, updated_at=now, next_check_at=check_at).where(
-        db.Order.id == order_id, db.Order.state == db.CLAIMED, db.Order.cws_order_id.is_null(),
-        db.Order.placed_at == placed_at).execute() == 1
+    with db.write_transaction():
+        return db.Order.update(placed_at=now, updated_at=now, next_check_at=check_at).where(
+            db.Order.id == order_id, db.Order.state == db.CLAIMED, db.Order.cws_order_id.is_null(),
+            db.Order.placed_at == placed_at).execute() == 1
 
 
 def later(now, seconds):

@@ -101,15 +101,11 @@ class Fulfilment:
             self._guarded(self._recover_one, order, now)
         return len(stale)
 
-    def poke(self, cws_order_id, now):
-        """A CWS postback (PREORDER) says this order changed: check it at the next poll."""
-        return db.Order.update(next_check_at=now).where(db.Order.cws_order_id == cws_order_id,
-                                                         db.Order.state.in_(claims.WAITING)).execute()
-
     def check_balance(self, now):
         """Read the CWS balance, keep it in Setting "cws.balance" (updated_at = when), alert when low."""
         balance = self.cws.account().total_to_use
-        db.put_setting(BALANCE_SETTING, balance)
+        with db.write_transaction():
+            db.put_setting(BALANCE_SETTING, balance)
         if balance < self.settings.cws_low_balance:
             raise_alert("low_balance", "cws", f"CWS balance {balance:.2f} {self.settings.currency} is below "
                                               f"CWS_LOW_BALANCE {self.settings.cws_low_balance}: top up", now)

@@ -8,6 +8,7 @@ from .errors import UpstreamError
 from .stock import available_stock
 
 HOUR = timedelta(hours=1)
+IN_LIMIT = 500  # more ids than this are filtered in Python (SQLite caps bound values per statement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +56,14 @@ def load_states(cws_ids, now, settings):
                             product.offer_price, product.offer_stock, product.offer_active,
                             product.missing_offer_warned, product.sync_state)
              .join(cws, on=(product.cws_product_id == cws.id)))
-    if cws_ids is not None:
-        query = query.where(product.cws_product_id.in_(list(cws_ids)))
+    wanted = None if cws_ids is None else set(cws_ids)
+    if wanted is not None and len(wanted) <= IN_LIMIT:
+        query = query.where(product.cws_product_id.in_(list(wanted)))
     available = available_stock(cws_ids, now)
     changes = _recent_price_changes(now)
     defaults = (settings.default_fixed_profit, settings.default_fee)
-    return [_state(row, available, changes, defaults) for row in query.tuples().iterator()]
+    return [_state(row, available, changes, defaults) for row in query.tuples().iterator()
+            if wanted is None or row[3] in wanted]
 
 
 def _state(row, available, changes, defaults):

@@ -131,7 +131,7 @@ class Reservations:
 
     @staticmethod
     def _old_lines(reservation_id):
-        return [Line(row.product_id, row.quantity, row.unit_price) for row in db.ReservationLine.select().where(
+        return [Line(row.g2a_product_id, row.quantity, row.unit_price) for row in db.ReservationLine.select().where(
             db.ReservationLine.reservation == reservation_id)]
 
     def _expiry(self, now):

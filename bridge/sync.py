@@ -202,7 +202,8 @@ class PassReport:
 
 def _idle_offers(states, changes, paused):
     changed = {change.g2a_id for change in changes}
-    return [f"{state.g2a_id} stays inactive: {why}" for state in states
+    # Sorted: PostgreSQL returns the states in no particular order (SQLite happens to keep insertion order).
+    return [f"{state.g2a_id} stays inactive: {why}" for state in sorted(states, key=lambda state: state.g2a_id)
             if state.mapped and state.g2a_id not in changed and not state.offer_active
             and (why := inactive_reason(state, paused))]
 

@@ -72,10 +72,17 @@ class PgServer:
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
         self._run("initdb", "-D", self.data, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
         self.port = _free_port()
-        options = " ".join(f"-c {key}={value}" for key, value in
-                           {**SERVER_OPTIONS, "port": self.port, "unix_socket_directories": self.sockets}.items())
-        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", self.data, "-l", self.log, "-o", options)
+        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", self.data, "-l", self.log, "-o", self._options())
         return self
+
+    def restart(self):
+        """What a production server restart or failover does to the bridge: every connection is cut."""
+        self._run("pg_ctl", "restart", "-m", "fast", "-w", "-t", "30", "-D", self.data, "-l", self.log,
+                  "-o", self._options())
+
+    def _options(self):
+        options = {**SERVER_OPTIONS, "port": self.port, "unix_socket_directories": self.sockets}
+        return " ".join(f"-c {key}={value}" for key, value in options.items())
 
     def stop(self):
         if (self.data / "postmaster.pid").exists():

@@ -1,5 +1,6 @@
 """Fulfilment in-process against the simulator: claim, purchase, keys, polling, recovery, returns, retry."""
 import base64
+import json
 import logging
 import threading
 from datetime import timedelta
@@ -7,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from bridge import db, migrations
+from bridge import db, migrations, postbacks
 from bridge.contract import Line
 from bridge.crypto import KeyBox
 from bridge.cws import CwsClient, CwsCode
@@ -259,7 +260,8 @@ def test_pre_ordered_codes_keep_the_order_pending_past_the_poll_limit(shop, sim,
     shop.service.poll_due(later(shop.settings.cws_poll_max + 400))
     assert state(order.id) == db.PREORDER and shop.alerts("order_failed") == []
     sim.cws.complete_order(order.cws_order_id)
-    shop.service.poke(order.cws_order_id, later(1))
+    preorder_postback = json.dumps(sim.cws.postback("PREORDER", orderId=order.cws_order_id))
+    assert postbacks.handle(shop.settings, preorder_postback, later(1)) == 200
     shop.service.poll_due(later(2))
     assert state(order.id) == db.COMPLETED and len(shop.service.inventory(order.id)[0]["inventory"]) == 1
 

@@ -11,8 +11,11 @@ import pytest
 
 import test_sync
 from bridge import db, migrations
-from conftest import ROOT
+from conftest import ROOT, SWITCH
 
+BACKENDS = ("postgresql",)  # the processes started here (start_bridge) use PostgreSQL too
+
+# test_sync's database tests, collected again: here `world` and the tests get this file's `database`.
 world = test_sync.world
 globals().update({name: test for name, test in vars(test_sync).items() if name.startswith("test_")
                   and {"database", "world"} & set(inspect.signature(test).parameters)})
@@ -67,3 +70,14 @@ def test_processes_migrating_a_new_database_at_the_same_moment_do_not_collide(pg
     database = db.connect(pg_url)
     assert _schema(database)[1] == [(number, name) for number, name, _ in migrations.STEPS]
     database.close()
+
+
+# --- a server restart ---------------------------------------------------------------------------------
+
+def test_the_web_server_recovers_when_postgresql_restarts(start_bridge, postgres):
+    g2a = start_bridge("web", WEB_THREADS="2").g2a
+    assert g2a.reserve((SWITCH, 1)).status_code == 200
+    postgres.restart()
+    statuses = [g2a.reserve((SWITCH, 1)).status_code for _ in range(12)]
+    # Each of the two threads may fail once on its cut connection; after that every call works.
+    assert statuses.count(200) >= 10 and statuses[-6:] == [200] * 6, statuses

@@ -146,6 +146,13 @@ def test_renewing_extends_a_reservation_even_after_it_expired(start_bridge):
                              "stock": [{"product_id": SKYLINES, "inventory_size": 0}]}
 
 
+def test_renewing_with_an_empty_body_keeps_the_reserved_lines(web):
+    reservation_id = web.reserve((SKYLINES, 3)).json()["reservation_id"]
+    answer = web.call("PUT", f"/reservation/{reservation_id}")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 5}]
+
+
 def test_renewing_when_the_stock_is_gone_is_400_and_unknown_is_404(web):
     first = web.reserve((SKYLINES, 2)).json()["reservation_id"]
     web.reserve((SKYLINES, 6))
