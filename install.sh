@@ -288,6 +288,8 @@ install_units() {
 }
 
 write_wrapper() {
+    local wrapper_owner=""
+    [ $MANAGE_USER -eq 1 ] && wrapper_owner=$SERVICE_USER
     mkdir -p "$(dirname -- "$WRAPPER")"
     cat >"$WRAPPER" <<EOF
 #!/bin/sh
@@ -303,6 +305,15 @@ export ENV_FILE
 # Like the units' UMask=0077: a database a command creates is private too.
 umask 077
 cd "$DATA_DIR" || exit 2
+OWNER='$wrapper_owner'
+if [ -n "\$OWNER" ] && [ "\$(id -u)" = 0 ]; then
+    # Run as root (only root reads the env file), then hand back to the services anything this
+    # command created in the data folder (a -wal or -shm file owned by root would lock them out).
+    rc=0
+    "$VENV/bin/python" -m bridge "\$@" || rc=\$?
+    chown -R "\$OWNER:\$OWNER" "$DATA_DIR"
+    exit "\$rc"
+fi
 exec "$VENV/bin/python" -m bridge "\$@"
 EOF
     chmod 0755 "$WRAPPER"

@@ -76,7 +76,7 @@ def start_bare(folder, port):
 
 def run_wrk(port, headers, seconds, connections, folder):
     script = folder / "post.lua"
-    lines = [f'wrk.method = "POST"', f"wrk.body = {json.dumps(BODY)}"]
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(BODY)}"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     script.write_text("\n".join(lines) + "\n")
     out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s",

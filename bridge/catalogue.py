@@ -158,6 +158,14 @@ def _offers_by_product(offers):
     return found
 
 
+def store_cws_products(infos, wanted, now):
+    """Store CWS's answers about the `wanted` ids (the web's freshness refresh); ids it left out are unlisted."""
+    wanted = {product_id.lower() for product_id in wanted}
+    infos = [info for info in infos if info.id.lower() in wanted]
+    _record(infos, _current_cws(wanted), now)
+    _unlist(wanted - {info.id.lower() for info in infos}, now)
+
+
 def _current_cws(ids):
     """{id: (name, quantity, cost, prices, listed)} as stored (raw column values: cheap to read and compare)."""
     table = db.CwsProduct._meta.table

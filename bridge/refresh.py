@@ -6,28 +6,10 @@ time (concurrent reservations share it), and a fetch that misses the budget stil
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from . import db
-from .errors import UpstreamError
+from .catalogue import store_cws_products
 from .log import event
 
 log = logging.getLogger(__name__)
-
-
-def record_cws_products(infos, requested_ids, now):
-    """Store what CWS said about `requested_ids`; ids it did not return are no longer listed."""
-    seen = {info.id: info for info in infos}
-    with db.database.atomic():
-        for info in seen.values():
-            db.CwsProduct.update(
-                name=info.name, quantity=max(0, info.quantity), cost=info.unit_price(1), listed=True,
-                prices=[{"from": t.low, "to": t.high, "value": str(t.value)} for t in info.tiers],
-                fetched_at=now,
-            ).where(db.CwsProduct.id == info.id).execute()
-        missing = [pid for pid in requested_ids if pid not in seen]
-        if missing:
-            db.CwsProduct.update(quantity=0, listed=False, fetched_at=now).where(
-                db.CwsProduct.id.in_(missing)).execute()
-    return seen
 
 
 class StockRefresher:
@@ -63,7 +45,7 @@ class StockRefresher:
     def _fetch(self, product_id, now):
         try:
             info = self.cws.product(product_id)
-            record_cws_products([info] if info else [], [product_id], now)
+            store_cws_products([info] if info else [], [product_id], now)
         finally:
             self._inflight.pop(product_id, None)
 

@@ -5,6 +5,7 @@ import glob
 import itertools
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -56,7 +57,7 @@ def _free_port():
 
 
 class PgServer:
-    """start() once, database_url() per test, stop() at the end."""
+    """start() once, create_database() per test, stop() at the end."""
 
     def __init__(self, bin_dir):
         self.bin_dir, self.user = Path(bin_dir), _server_user()
@@ -73,7 +74,16 @@ class PgServer:
         self._run("initdb", "-D", self.data, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
         self.port = _free_port()
         self._run("pg_ctl", "start", "-w", "-t", "30", "-D", self.data, "-l", self.log, "-o", self._options())
+        self._stop_when_gone(os.getpid())
         return self
+
+    def _stop_when_gone(self, pid):
+        """A detached watchdog: if pytest dies without stop() (killed, timed out), the server goes with it."""
+        stop = shlex.join(self._command("pg_ctl", "stop", "-m", "immediate", "-D", self.data))
+        script = (f"while kill -0 {pid} 2>/dev/null; do sleep 2; done; "
+                  f"{stop} >/dev/null 2>&1; rm -rf {shlex.quote(str(self.root))}")
+        subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def restart(self):
         """What a production server restart or failover does to the bridge: every connection is cut."""
@@ -111,11 +121,15 @@ class PgServer:
         finally:
             connection.close()
 
-    def _run(self, program, *args, check=True):
+    def _command(self, program, *args):
         command = [str(self.bin_dir / program), *map(str, args)]
         if self.user is not None:
             command = ["runuser", "-u", self.user.pw_name, "--", *command]
-        done = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=60)
+        return command
+
+    def _run(self, program, *args, check=True):
+        done = subprocess.run(self._command(program, *args), cwd=self.root, capture_output=True, text=True,
+                              timeout=60)
         if check and done.returncode != 0:
             raise RuntimeError(f"{program} failed ({done.returncode}):\n{done.stdout}{done.stderr}{self.logs()}")
         return done
