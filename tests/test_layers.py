@@ -1,0 +1,59 @@
+"""The module map of STYLE.md, enforced: bridge modules import only their own layer or lower ones,
+and the simulator shares no code with what it checks."""
+import ast
+from pathlib import Path
+
+import pytest
+
+BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
+LAYERS = {
+    0: {"errors", "log", "config", "db", "migrations"},
+    1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
+        "stock"},
+    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
+        "refresh", "doctor", "status", "metrics"},
+    3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
+}
+SIMULATOR = {"simulator", "sim_cws", "sim_g2a", "sim_http"}
+LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
+
+
+def bridge_imports(path):
+    """Names of the bridge modules a file imports (relative or absolute)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bridge."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bridge."))
+    return names
+
+
+MODULES = sorted(p.stem for p in BRIDGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_has_a_place_in_the_map(module):
+    assert module in LAYER_OF or module in SIMULATOR, f"add bridge/{module}.py to LAYERS in {__file__}"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m in LAYER_OF])
+def test_imports_point_down_the_layers(module):
+    for name in bridge_imports(BRIDGE / f"{module}.py"):
+        if name in SIMULATOR:
+            assert LAYER_OF[module] == 3, f"{module} imports the simulator; only entry points may"
+            continue
+        assert LAYER_OF[name] <= LAYER_OF[module], f"{module} (layer {LAYER_OF[module]}) imports {name} " \
+                                                   f"(layer {LAYER_OF[name]})"
+
+
+@pytest.mark.parametrize("module", sorted(SIMULATOR))
+def test_the_simulator_imports_nothing_of_the_bridge_it_checks(module):
+    assert bridge_imports(BRIDGE / f"{module}.py") <= SIMULATOR
+
+
+def test_every_module_opens_with_a_docstring():
+    missing = [m for m in MODULES if not ast.get_docstring(ast.parse((BRIDGE / f"{m}.py").read_text()))]
+    assert missing == []
