@@ -199,6 +199,7 @@ def _record(infos, current, now):
             changed.append(dict(zip(_COLUMNS, (product_id, *row, now))))
     if not infos:
         return
+    changed.sort(key=lambda row: row["id"])  # lock rows in id order, as reservations do: no deadlock on PostgreSQL
     with db.write_transaction():
         for start in range(0, len(changed), UPSERT_ROWS):
             # Rows exist already (products.py creates them); the upsert just updates many per statement.

@@ -12,6 +12,7 @@ from . import log as logsetup
 from .config import load_settings
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError
+from .metrics import Metrics
 from .migrations import open_database
 from .products import MappingWatcher
 from .sync import SyncEngine
@@ -45,7 +46,8 @@ def fulfilment_for(settings):
 def _cmd_web(args):
     settings = start(args)
     web.watch_mapping(settings, threading.Event())
-    web.serve(settings, web.create_app(settings))
+    metrics = Metrics("web")
+    web.serve(settings, web.create_app(settings, metrics=metrics), metrics)
     return 0
 
 

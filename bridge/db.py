@@ -120,16 +120,17 @@ class Product(BaseModel):
 
 class Reservation(BaseModel):
     id = CharField(primary_key=True, max_length=36)
-    state = CharField(default="active", index=True, max_length=16)  # active / released / ordered
+    # No secondary indexes: every read is by id, and each index is one more page per reservation commit.
+    state = CharField(default="active", max_length=16)  # active / released / ordered
     created_at = UtcDateTimeField(default=utcnow)
-    expires_at = UtcDateTimeField(index=True)
+    expires_at = UtcDateTimeField()
     request_id = CharField(null=True, max_length=64)
 
 
 class ReservationLine(BaseModel):
     """One product line; `active` and `expires_at` are copied from the reservation so stock sums read one table."""
     reservation = ForeignKeyField(Reservation, backref="lines", on_delete="CASCADE")
-    product = ForeignKeyField(Product, column_name="g2a_product_id")
+    product = ForeignKeyField(Product, column_name="g2a_product_id", index=False)
     cws_product_id = CharField(max_length=64)
     quantity = IntegerField()
     unit_price = MoneyField(null=True)  # what the buyer pays per unit (G2A's additional_data.unit_price)
@@ -137,7 +138,8 @@ class ReservationLine(BaseModel):
     expires_at = UtcDateTimeField()
 
     class Meta:
-        indexes = ((("cws_product_id", "active", "expires_at"), False),)
+        # Covers the stock sum (quantity included): reservations read it without touching the table.
+        indexes = ((("cws_product_id", "active", "expires_at", "quantity"), False),)
 
 
 class Order(BaseModel):

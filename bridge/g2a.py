@@ -42,6 +42,10 @@ class G2aClient:
                                   token=self._token, allowed_hosts=G2A_HOSTS, budget=budget,
                                   retryable=_queue_full, sleep=sleep, observer=observer)
 
+    @property
+    def token_age(self):
+        return self._token.age_seconds
+
     def offers(self):
         """Every offer of ours, page by page; an entry we cannot read is logged and skipped."""
         page = 1

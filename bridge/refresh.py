@@ -2,6 +2,7 @@
 
 G2A gives us about 9 s; a slow CWS must never eat that. One fetch per product is in flight at a
 time (concurrent reservations share it), and a fetch that misses the budget still lands later.
+Once CWS has failed or missed the budget, callers stop waiting for it until a fetch succeeds again.
 """
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -17,6 +18,9 @@ class StockRefresher:
         self.cws, self.max_age, self.budget = cws, max_age, budget
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cws-refresh")
         self._inflight = {}  # product id -> Future; dict ops are atomic under the GIL
+        # Set by a fallback, cleared by the next fetch CWS answers. While CWS hangs, every caller waiting out the
+        # whole budget would hold a web thread each: at 4x the threads in flight G2A waited 8 s (test_faults.py).
+        self._failing = False
 
     def ensure_fresh(self, fetched_at, now):
         """Re-fetch products whose cached state is older than max_age, waiting at most `budget` seconds.
@@ -28,10 +32,13 @@ class StockRefresher:
         if not stale:
             return False
         futures = {self._fetch_once(pid, now) for pid in stale}
-        done, late = wait(futures, timeout=self.budget)
+        patience = 0.0 if self._failing else self.budget
+        done, late = wait(futures, timeout=patience)
         failed = [f.exception() for f in done if f.exception() is not None]
         if late or failed:
-            reason = f"CWS slower than {self.budget}s" if late else str(failed[0])
+            self._failing = True
+            reason = str(failed[0]) if failed else (
+                f"CWS slower than {self.budget}s" if patience else "CWS failing: not waiting until it answers again")
             event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason=reason)
         return True
 
@@ -46,6 +53,7 @@ class StockRefresher:
         try:
             info = self.cws.product(product_id)
             store_cws_products([info] if info else [], [product_id], now)
+            self._failing = False
         finally:
             self._inflight.pop(product_id, None)
 

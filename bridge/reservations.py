@@ -15,8 +15,11 @@ ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
 
 
 class Reservations:
-    def __init__(self, settings, refresher, pause_switch):
+    """`observer(outcome)` hears "created" or why a request was refused (metrics)."""
+
+    def __init__(self, settings, refresher, pause_switch, observer=None):
         self.settings, self.refresher, self.pause = settings, refresher, pause_switch
+        self.observe = observer or (lambda outcome: None)
 
     def reserve(self, lines, now, request_id=None):
         """POST /reservation: a new reservation for `lines`, or ContractError (404 unknown, 400 short)."""
@@ -28,6 +31,7 @@ class Reservations:
             self._insert_lines(reservation_id, lines, products, now)
         event(log, "reservation.created", reservation=reservation_id,
               products=",".join(str(line.product_id) for line in lines))
+        self.observe("created")
         return {"reservation_id": reservation_id, "stock": stock}
 
     def renew(self, reservation_id, lines, now):
@@ -67,9 +71,10 @@ class Reservations:
         products = _sellable(ids)
         unknown = [str(pid) for pid in ids if pid not in products]
         if unknown:
+            self.observe("unknown_product")
             raise ContractError(404, "BR02", f"product {', '.join(unknown)} is not sold here")
         if self.pause.is_paused():
-            raise self._short(lines, {}, products, "the seller has paused sales")
+            raise self._short(lines, {}, products, "paused", "the seller has paused sales")
         if self.refresher.ensure_fresh({p.cws_product_id: p.fetched_at for p in products.values()}, now):
             products = _sellable(ids)
         for line in lines:
@@ -85,6 +90,7 @@ class Reservations:
         if line.unit_price < floor:
             event(log, "reservation.refused_loss", level=logging.WARNING, product=line.product_id,
                   unit_price=line.unit_price, break_even=floor)
+            self.observe("below_cost")
             raise ContractError(400, "BR02", f"product {line.product_id}: unit price {line.unit_price} "
                                              f"is below our cost")
 
@@ -98,12 +104,13 @@ class Reservations:
             demand[products[line.product_id].cws_product_id] += line.quantity
         disabled = any(not products[line.product_id].enabled for line in lines)
         if disabled or any(wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
-            raise self._short(lines, available, products, "not enough stock")
+            raise self._short(lines, available, products, "out_of_stock", "not enough stock")
         left = {cws_id: available.get(cws_id, 0) - wanted for cws_id, wanted in demand.items()}
         return self._stock(lines, left, products)
 
-    def _short(self, lines, available, products, why):
+    def _short(self, lines, available, products, reason, why):
         event(log, "reservation.refused", reason=why, products=",".join(str(line.product_id) for line in lines))
+        self.observe(reason)
         return ContractError(400, "BR02", why, extra={"stock": self._stock(lines, available, products)})
 
     @staticmethod

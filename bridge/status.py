@@ -11,6 +11,7 @@ from peewee import fn
 from . import db, lease, pause
 
 SYNC_KEY = "sync.last_pass"
+SYNC_SUCCESS_KEY = "sync.last_success"
 BALANCE_KEY = "cws.balance"
 SYNC_STATES = ("in_sync", "pending", "failed")
 NOTIFICATION_WINDOW = timedelta(hours=24)
@@ -21,8 +22,8 @@ def collect(settings, now):
     figures = {
         "selling": "paused" if pause.read_paused(not settings.service_enabled) else "running",
         "products": _products(),
-        "offers": _counts(db.Product.sync_state, SYNC_STATES, db.Product.mapped == True),  # noqa: E712
-        "orders": _counts(db.Order.state, db.ORDER_STATES),
+        "offers": counts(db.Product.sync_state, SYNC_STATES, db.Product.mapped == True),  # noqa: E712
+        "orders": counts(db.Order.state, db.ORDER_STATES),
         "last_sync": _last_sync(now),
         "cws_balance": _balance(settings, now),
         "notifications_24h": db.Notification.select().where(
@@ -39,11 +40,11 @@ def _products():
     return {"mapped": mapped.count(), "enabled": mapped.where(db.Product.enabled == True).count()}  # noqa: E712
 
 
-def _counts(column, names, *where):
-    """{name: rows with column == name} for every name, zeros included."""
+def counts(column, names, *where):
+    """{name: rows with column == name} for every name, zeros included (names None: only the names found)."""
     query = column.model.select(column, fn.COUNT(1)).group_by(column)
     found = dict((query.where(*where) if where else query).tuples())
-    return {name: found.get(name, 0) for name in names}
+    return found if names is None else {name: found.get(name, 0) for name in names}
 
 
 def _age(row, now):
@@ -55,8 +56,10 @@ def _last_sync(now):
     if row is None:
         return None
     report = _json(row.value)
+    success = db.Setting.get_or_none(db.Setting.key == SYNC_SUCCESS_KEY)
     return {"age_seconds": _age(row, now), "writes": report.get("writes"), "failed": report.get("failed"),
-            "errors": report.get("errors") or []}
+            "errors": report.get("errors") or [], "duration_seconds": report.get("duration"),
+            "success_age_seconds": None if success is None else _age(success, now)}
 
 
 def _balance(settings, now):

@@ -25,6 +25,7 @@ FLUSH_EVERY = 200  # confirmed writes per database transaction
 LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups per pass, only for products about to get a price
 DIRTY_BACKOFF = 5.0  # seconds without dirty passes after CWS failed to answer one
 LAST_PASS_KEY = "sync.last_pass"
+LAST_SUCCESS_KEY = "sync.last_success"  # written by each full pass that succeeded
 MISSING_OFFER = "no G2A offer for this product: create it in the G2A panel, or set G2A_CREATE_OFFERS=true"
 
 
@@ -188,6 +189,11 @@ class PassReport:
     finished: object = None
     duration: float = 0.0
 
+    @property
+    def succeeded(self):
+        """False when the pass reported errors and got no write through (CWS or G2A unreachable, all refused)."""
+        return not (self.errors and self.writes == self.failed)
+
     def error(self, message):
         if len(self.errors) < 20:
             self.errors.append(message)
@@ -232,6 +238,8 @@ class SyncEngine:
         if not dry_run:
             prune_price_changes(report.started)
             db.put_setting(LAST_PASS_KEY, report.as_json())
+            if report.succeeded:
+                db.put_setting(LAST_SUCCESS_KEY, report.finished.isoformat())
         return report
 
     def dirty_pass(self, now=None):

@@ -1,4 +1,5 @@
 """The HTTP side: G2A's merchant contract on Bottle, served by Waitress; errors mapped to JSON in one place."""
+import ipaddress
 import json
 import logging
 import re
@@ -17,6 +18,7 @@ from .cws import CwsClient
 from .errors import ContractError
 from .fulfillment import Fulfilment
 from .log import REQUEST_ID, event
+from .metrics import CONTENT_TYPE, Metrics, deep_health
 from .pause import PauseSwitch
 from .products import MappingWatcher
 from .refresh import StockRefresher
@@ -27,6 +29,7 @@ access_log = logging.getLogger("bridge.access")
 MAX_BODY_BYTES = 256 * 1024
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
+LOOPBACK = "loopback"  # route config auth=LOOPBACK: Bearer/Basic, or a direct call from this machine
 
 
 def reply(status, payload=None):
@@ -57,20 +60,40 @@ class ErrorPlugin:
 
 
 class AuthPlugin:
-    """Bearer (or Basic) on every route unless the route says auth=False; repeated failures per IP get 429."""
+    """Bearer (or Basic) on every route unless the route says auth=False, or auth=LOOPBACK (direct calls from this
+    machine need none); repeated failures per IP get 429."""
     name, api = "auth", 2
 
     def __init__(self, tokens, brake):
         self.tokens, self.brake = tokens, brake
 
     def apply(self, callback, route):
-        if route.config.get("auth", True) is False:
+        mode = route.config.get("auth", True)
+        if mode is False:
             return callback
 
         def wrapper(*args, **kwargs):
-            guard(self.brake, lambda: self.tokens.check(bottle.request.get_header("Authorization"), db.utcnow()))
+            authorize(self.tokens, self.brake, allow_loopback=mode == LOOPBACK)
             return callback(*args, **kwargs)
         return wrapper
+
+
+def authorize(tokens, brake, allow_loopback=False):
+    """Raise AUTH01/AUTH02 unless the call carries valid credentials (or, when allowed, comes from loopback)."""
+    if allow_loopback and direct_from_loopback(bottle.request.environ):
+        return
+    guard(brake, lambda: tokens.check(bottle.request.get_header("Authorization"), db.utcnow()))
+
+
+def direct_from_loopback(environ):
+    """A call made on this machine, not forwarded by the TLS proxy (which sets X-Forwarded-For on every call)."""
+    if environ.get("HTTP_X_FORWARDED_FOR") or environ.get("HTTP_FORWARDED"):
+        return False
+    try:
+        address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def guard(brake, check):
@@ -106,15 +129,18 @@ def token_request_params(request):
     return params
 
 
-def create_app(settings, cws=None):
-    """The Bottle app for `settings`; the database must already be open."""
+def create_app(settings, cws=None, metrics=None):
+    """The Bottle app for `settings`; the database must already be open. `metrics` (by default a fresh one)
+    counts what this process does; serve() must get the same object to count requests."""
     app = bottle.Bottle(autojson=False)
     tokens, brake = TokenStore(settings), FailureBrake()
     pause = PauseSwitch(settings.service_enabled)
-    cws = cws or CwsClient(settings)
+    metrics = metrics or Metrics("web")
+    cws = cws or CwsClient(settings, observer=metrics.upstream)
+    metrics.watch_tokens(cws=cws)
     refresher = StockRefresher(cws, settings.stock_max_age)
     orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
-    reservations = Reservations(settings, refresher, pause)
+    reservations = Reservations(settings, refresher, pause, observer=metrics.reservation)
     app.install(ErrorPlugin())
     app.install(AuthPlugin(tokens, brake))
     install_error_pages(app)
@@ -134,6 +160,9 @@ def create_app(settings, cws=None):
 
     @app.get("/health", auth=False)
     def health():
+        if bottle.request.query.get("deep") in ("1", "true"):
+            authorize(tokens, brake, allow_loopback=True)
+            return reply(*deep_health(settings, db.utcnow()))
         try:
             db.database.execute_sql("SELECT 1")
         except Exception as err:  # the database is the only thing /health vouches for
@@ -142,6 +171,11 @@ def create_app(settings, cws=None):
             return "DB UNREACHABLE"
         bottle.response.content_type = "text/plain"
         return "OK"
+
+    @app.get("/metrics", auth=LOOPBACK)
+    def prometheus_metrics():
+        bottle.response.content_type = CONTENT_TYPE
+        return metrics.exposition(settings, db.utcnow())
 
     @app.post("/reservation")
     def create_reservation():
@@ -236,10 +270,11 @@ def _error_page(code, message):
 
 
 class AccessLog:
-    """WSGI wrapper: request id in and out, body size limit, one access line per request with status and latency."""
+    """WSGI wrapper: request id in and out, body size limit, one access line per request with status and latency
+    (also counted in `metrics` by route rule, if given)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics=None):
+        self.app, self.metrics = app, metrics
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
@@ -257,6 +292,7 @@ class AccessLog:
             return self.app(environ, start)
         finally:
             self._log(environ, status_seen, started)
+            self._count(environ, status_seen, started)
             REQUEST_ID.reset(token)
 
     @staticmethod
@@ -272,6 +308,13 @@ class AccessLog:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         event(access_log, "http", level=level, method=environ.get("REQUEST_METHOD"), path=path[:200],
               status=status_seen[0] if status_seen else "-", ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _count(self, environ, status_seen, started):
+        if self.metrics is None:
+            return
+        route = environ.get("bottle.route")  # the rule, never the raw path: ids would make endless series
+        self.metrics.request(environ.get("REQUEST_METHOD", ""), route.rule if route else "unmatched",
+                             status_seen[0] if status_seen else "500", time.perf_counter() - started)
 
 
 def _too_large(environ):
@@ -295,10 +338,10 @@ def watch_mapping(settings, stop, interval=2.0):
     threading.Thread(target=loop, name="products-watch", daemon=True).start()
 
 
-def serve(settings, app):
-    """Run Waitress until the process is stopped."""
+def serve(settings, app, metrics=None):
+    """Run Waitress until the process is stopped; `metrics` should be the object create_app() was given."""
     event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
-    waitress.serve(AccessLog(app), host=settings.host, port=settings.port, threads=settings.web_threads,
+    waitress.serve(AccessLog(app, metrics), host=settings.host, port=settings.port, threads=settings.web_threads,
                    ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4, channel_timeout=30,
                    trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
                    clear_untrusted_proxy_headers=True)

@@ -24,6 +24,7 @@ from .fulfillment import Fulfilment
 from .g2a import G2aClient
 from .lease import Lease
 from .log import event
+from .metrics import Metrics
 from .products import MappingWatcher
 from .reservations import expire_reservations
 from .sync import SyncEngine
@@ -79,10 +80,11 @@ class Lane:
 
 
 class Worker:
-    """Runs `jobs` until stopped; the heartbeat (lease renewal) and the pause watch are added here."""
+    """Runs `jobs` until stopped; the heartbeat (lease renewal, and publishing `metrics` if given) and the pause
+    watch are added here."""
 
-    def __init__(self, jobs, lease, pause_switch, clock=db.utcnow):
-        self.lease, self.pause, self.clock = lease, pause_switch, clock
+    def __init__(self, jobs, lease, pause_switch, clock=db.utcnow, metrics=None):
+        self.lease, self.pause, self.clock, self.metrics = lease, pause_switch, clock, metrics
         own = [Job("heartbeat", HEARTBEAT, self.heartbeat, exclusive=False),
                Job("pause.watch", 1.0, self.watch_pause, exclusive=False)]
         self.jobs = {job.name: job for job in own + list(jobs)}
@@ -179,7 +181,8 @@ class Worker:
     # ---- built-in jobs ---------------------------------------------------------------------
 
     def heartbeat(self, now):
-        """Take or renew the lease; becoming the active worker runs the at-start jobs at once."""
+        """Take or renew the lease; becoming the active worker runs the at-start jobs at once. The active worker
+        also publishes its metrics for the web's /metrics."""
         was_held = self.lease.holds(now)
         if self.lease.acquire(now):
             if not was_held:
@@ -188,6 +191,8 @@ class Worker:
                 for name, job in self.jobs.items():
                     if job.at_start:
                         self.kick(name)
+            if self.metrics is not None:
+                self.metrics.publish()
             return
         if not self._standing_by:
             self._standing_by = True
@@ -233,11 +238,15 @@ class SyncFailed(BridgeError):
     """A pass that reported errors and got no write through (CWS or G2A unreachable, every write refused)."""
 
 
-def checked(sync_pass):
-    """A sync pass as a job that fails (and so counts towards the sync_failing alert) when nothing worked."""
+def checked(sync_pass, metrics):
+    """A sync pass as a job, counted in `metrics`, that fails (and so counts towards the sync_failing alert) when
+    nothing worked."""
     def run(now):
         report = sync_pass(now)
-        if report is not None and report.errors and report.writes == report.failed:
+        if report is None:  # a dirty pass with nothing to do
+            return
+        metrics.sync_pass(report)
+        if not report.succeeded:
             raise SyncFailed(f"{report.kind} pass: {len(report.errors)} errors, first: {report.errors[0]}")
     return run
 
@@ -247,24 +256,29 @@ def cleanup(now):
     delete_expired_tokens(now)
 
 
-def upstream_clients(settings):
-    """The CWS and G2A clients of one process (G2A's request budget is per client)."""
-    return CwsClient(settings), G2aClient(settings, budget=RequestBudget(settings.g2a_requests_per_minute))
+def upstream_clients(settings, metrics=None):
+    """The CWS and G2A clients of one process (G2A's request budget is per client), reporting to `metrics`."""
+    metrics = metrics or Metrics("worker")
+    cws = CwsClient(settings, observer=metrics.upstream)
+    g2a = G2aClient(settings, budget=RequestBudget(settings.g2a_requests_per_minute), observer=metrics.upstream)
+    metrics.watch_tokens(cws=cws, g2a=g2a)
+    return cws, g2a
 
 
 def fulfilment_for(settings, cws):
     return Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
 
 
-def build_jobs(settings, cws, g2a, pause_switch, watcher):
+def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     """The production jobs and their cadence."""
+    metrics = metrics or Metrics("worker")
     engine = SyncEngine(settings, cws, g2a, pause_switch)
     fulfilment = fulfilment_for(settings, cws)
     webhook = requests.Session()
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
-        Job("sync.dirty", 0.5, checked(engine.dirty_pass)),
-        Job("sync.full", settings.sync_interval, checked(engine.full_pass), at_start=True),
+        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics)),
+        Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
         Job("cleanup", 60.0, cleanup, at_start=True),
@@ -289,10 +303,12 @@ def main(settings):
     stop = threading.Event()
     install_signal_handlers(stop)
     switch = pause.PauseSwitch(settings.service_enabled)
-    cws, g2a = upstream_clients(settings)
+    metrics = Metrics("worker")
+    cws, g2a = upstream_clients(settings, metrics)
     watcher = MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee)
     watcher.poll()  # the mapping is in the database before the first sync pass reads it
-    code = Worker(build_jobs(settings, cws, g2a, switch, watcher), Lease(), switch).run(stop)
+    jobs = build_jobs(settings, cws, g2a, switch, watcher, metrics)
+    code = Worker(jobs, Lease(), switch, metrics=metrics).run(stop)
     logging.shutdown()
     # Threads past the grace (an HTTP call in a sync writer pool) would hold the interpreter's exit beyond
     # the 10 s promise; everything worth keeping is committed, so leave without joining them.
