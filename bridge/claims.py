@@ -110,6 +110,8 @@ def reschedule(order_id, at):
 def record_placement(order_id, cws_order, now, check_at):
     """CWS holds our purchase: remember its id and cost, and lower the cached CWS stock by what we bought.
 
+    `now` must be no earlier than CWS's answer (a read that began after it already saw the purchase).
+
     False when the order already left CLAIMED (the web process and recovery may both find the same purchase)."""
     costs = {product.product_id: product.unit_price for product in cws_order.products}
     with db.write_transaction():
@@ -123,8 +125,10 @@ def record_placement(order_id, cws_order, now, check_at):
                 db.OrderItem.order == order_id, db.OrderItem.cws_product_id == product_id,
                 db.OrderItem.source == "cws").execute()
             product = db.CwsProduct
-            product.update(quantity=Case(None, [(product.quantity > quantity, product.quantity - quantity)], 0)).where(
-                product.id == product_id).execute()
+            # fetched_at moves too: a stock read that began before this purchase and lands after it would put the
+            # bought keys back (catalogue._older skips rows fetched since the read began).
+            product.update(quantity=Case(None, [(product.quantity > quantity, product.quantity - quantity)], 0),
+                           fetched_at=now).where(product.id == product_id).execute()
     return True
 
 

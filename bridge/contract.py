@@ -27,8 +27,12 @@ def parse_json(raw):
     """The request body as JSON, or 400 BR01."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
-        return json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = json.loads(text)
+        if "\\u" in text:
+            # "\ud800" is valid JSON but a lone surrogate is not text: no database, log or hash could take it.
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return data
+    except (UnicodeError, ValueError, RecursionError):
         raise ContractError(400, "BR01", "the request body is not valid JSON") from None
 
 

@@ -150,6 +150,7 @@ class Fulfilment:
         if not claims.begin_send(order.id, order.placed_at, now, later(now, self.inline_budget + CLAIM_MIN_AGE)):
             event(log, "order.send_skipped", level=logging.DEBUG, order=order.id)
             return
+        sent = self.clock()
         try:
             placed = self.cws.place_order(order.cws_client_order_id, claims.cws_lines(order.id),
                                           self.settings.cws_allow_preorder)
@@ -159,7 +160,7 @@ class Fulfilment:
         except UpstreamError as err:
             self._refused(order, err, now)
             return
-        self._adopt(order, placed, now, name, **fields)
+        self._adopt(order, placed, later(now, self.clock() - sent), name, **fields)  # as of CWS's answer
         self._balance_soon(now)
 
     def _refused(self, order, err, now):
@@ -262,9 +263,11 @@ class Fulfilment:
 
     def _check_loss(self, order, now):
         """The buyer paid, so we deliver even when CWS now costs more than the sale earns; the seller hears of it."""
-        for item in db.OrderItem.select().where(db.OrderItem.order == order.id, db.OrderItem.source == "cws",
-                                                db.OrderItem.unit_cost.is_null(False),
-                                                db.OrderItem.sale_price.is_null(False)):
+        # A list, read whole before raise_alert writes: writing while this connection's SELECT is still open
+        # fails at once with "database is locked" if the other process committed meanwhile (test_concurrency.py).
+        for item in list(db.OrderItem.select().where(db.OrderItem.order == order.id, db.OrderItem.source == "cws",
+                                                     db.OrderItem.unit_cost.is_null(False),
+                                                     db.OrderItem.sale_price.is_null(False))):
             product = db.Product.get_or_none(db.Product.g2a_id == item.g2a_product_id)
             fee = product.fee if product is not None and product.fee is not None else self.settings.default_fee
             floor = break_even_price(item.unit_cost, fee)

@@ -208,7 +208,8 @@ def deep_health(settings, now):
         figures, tokens = status.collect(settings, now), worker_token_ages()
     except PeeweeException as err:
         event(log, "health.db_unreachable", level=logging.ERROR, error=str(err))
-        return 503, dict.fromkeys(HEALTH_FIELDS) | {"db": f"error: {err}", "status": "degraded"}
+        return 503, dict.fromkeys(HEALTH_FIELDS) | {"db": f"error: {err}", "status": "degraded", "attention": [
+            "the database is unreachable: check DATABASE_URL, then g2a-bridge doctor"]}
     heartbeat, sync, balance = _heartbeat_age(figures), figures["last_sync"], figures["cws_balance"]
     alive = _worker_alive(heartbeat)
     body = {"db": "ok", "worker_heartbeat_age": heartbeat, "last_sync_age": sync and sync["age_seconds"],

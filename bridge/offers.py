@@ -124,6 +124,12 @@ def _confirmed(change, resource_id):
 
 def _store_failure(change, error):
     fields = {"sync_state": "failed", "sync_error": str(error)[:500]}
+    if error.retryable:
+        # No answer (a timeout, a lost job poll, a job still pending): G2A may have applied the write, so what we
+        # last confirmed is unknown now and the next plan sends these parts again, even where they look unchanged.
+        # Kept, a stock-25 offer G2A had activated stayed active after CWS sold out (test_faults.py).
+        fields.update({name: None for name, sent in (("offer_price", change.price), ("offer_stock", change.stock),
+                                                     ("offer_active", change.active)) if sent is not None})
     if error.status == 404:
         fields["offer_id"] = None  # the offer is gone on G2A
     db.Product.update(**fields).where(db.Product.g2a_id == change.g2a_id).execute()

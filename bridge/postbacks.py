@@ -1,10 +1,10 @@
 """CWS postbacks (cws.md 4): check the authHash, then only mark what to re-fetch; the payload's numbers are never trusted."""
 import hashlib
 import hmac
-import json
 import logging
 
 from . import db
+from .contract import parse_json
 from .errors import ContractError
 from .log import event
 
@@ -27,8 +27,8 @@ def handle(settings, body, now):
 def _parse(body):
     if isinstance(body, (bytes, bytearray, str)):
         try:
-            body = json.loads(body)
-        except ValueError:
+            body = parse_json(body)
+        except ContractError:
             raise ContractError(400, "BR01", "postback body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ContractError(400, "BR01", "postback body must be a JSON object")
@@ -56,7 +56,12 @@ def _product_ids(payload):
     """productIds from either STOCK shape: products[{productId}] or a flat productId."""
     entries = payload.get("products") if isinstance(payload.get("products"), list) else [payload]
     ids = (entry.get("productId") for entry in entries if isinstance(entry, dict))
-    return sorted({pid.strip().lower() for pid in ids if isinstance(pid, str) and pid.strip()})
+    return sorted({pid.strip().lower() for pid in ids if _usable(pid)})
+
+
+def _usable(value):
+    """A non-empty string id; one with NUL cannot be CWS's (and PostgreSQL refuses it even in a lookup)."""
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
 
 
 def _mark_dirty(payload, now):
@@ -78,9 +83,9 @@ def _preorder(payload, now):
     """A pre-ordered key was assigned: make fulfilment poll the order now (by CWS order id, or by code id)."""
     order_id, code_id = payload.get("orderId"), payload.get("codeId")
     query = db.Order.update(next_check_at=now)
-    if isinstance(order_id, str) and order_id:
+    if _usable(order_id):
         query = query.where(db.Order.cws_order_id == order_id)
-    elif isinstance(code_id, str) and code_id:
+    elif _usable(code_id):
         query = query.where(db.Order.id.in_(
             db.OrderItem.select(db.OrderItem.order).where(db.OrderItem.cws_code_id == code_id)))
     else:

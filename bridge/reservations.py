@@ -42,21 +42,26 @@ class Reservations:
         lines = lines or self._old_lines(reservation_id)
         products = self._products_for(lines, now)
         with db.write_transaction():
+            # Checked again under the write lock: a POST /order that won since the read above would otherwise be
+            # left with fresh active lines beside its order, holding stock nobody can buy (test_concurrency.py).
+            if not db.Reservation.update(expires_at=self._expiry(now)).where(
+                    db.Reservation.id == reservation_id, db.Reservation.state == ACTIVE).execute():
+                raise ContractError(400, "BR02", f"reservation {reservation_id} is no longer active")
             self._deactivate_lines(reservation_id)
             stock = self._take(lines, products, now)
-            db.Reservation.update(expires_at=self._expiry(now)).where(
-                db.Reservation.id == reservation_id).execute()
             self._insert_lines(reservation_id, lines, products, now)
         event(log, "reservation.renewed", reservation=reservation_id)
         return {"reservation_id": reservation_id, "stock": stock}
 
     def release(self, reservation_id):
         """DELETE /reservation/{id}: give the stock back. Releasing twice is harmless; an ordered one stays ordered."""
-        reservation = self._get(reservation_id)
-        if reservation.state == ACTIVE:
-            with db.database.atomic():
-                db.Reservation.update(state=RELEASED).where(db.Reservation.id == reservation_id).execute()
+        self._get(reservation_id)
+        with db.write_transaction():  # only while still active: a POST /order may have won since (it stays ordered)
+            released = db.Reservation.update(state=RELEASED).where(
+                db.Reservation.id == reservation_id, db.Reservation.state == ACTIVE).execute()
+            if released:
                 self._deactivate_lines(reservation_id)
+        if released:
             event(log, "reservation.released", reservation=reservation_id)
 
     def _get(self, reservation_id):

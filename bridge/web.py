@@ -27,6 +27,7 @@ from .reservations import Reservations
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
 MAX_BODY_BYTES = 256 * 1024
+MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
 LOOPBACK = "loopback"  # route config auth=LOOPBACK: Bearer/Basic, or a direct call from this machine
@@ -82,7 +83,8 @@ def authorize(tokens, brake, allow_loopback=False):
     """Raise AUTH01/AUTH02 unless the call carries valid credentials (or, when allowed, comes from loopback)."""
     if allow_loopback and direct_from_loopback(bottle.request.environ):
         return
-    guard(brake, lambda: tokens.check(bottle.request.get_header("Authorization"), db.utcnow()))
+    # The raw header: Bottle's get_header() raises on bytes that are not UTF-8, which is then a 500, not a 401.
+    guard(brake, lambda: tokens.check(bottle.request.environ.get("HTTP_AUTHORIZATION"), db.utcnow()))
 
 
 def direct_from_loopback(environ):
@@ -115,18 +117,26 @@ def read_body():
 
 def token_request_params(request):
     """client_id/client_secret/grant_type from the query, a form, a JSON body or Basic auth, in that order."""
-    params = dict(request.query.decode())
+    params = _utf8_fields(request.query)
     content_type = (request.content_type or "").lower()
     if request.method == "POST" and "json" in content_type:
         data = parse_json(read_body())
         if isinstance(data, dict):
             params.update({k: v for k, v in data.items() if isinstance(v, str)})
     elif request.method == "POST":
-        params.update(dict(request.forms.decode()))
+        params.update(_utf8_fields(request.forms))
     from_basic = request.auth
     if from_basic and not params.get("client_id"):
         params["client_id"], params["client_secret"] = from_basic
     return params
+
+
+def _utf8_fields(fields):
+    # Bottle's decode() raises on bytes that are not UTF-8 (`client_id=%ff`): that is the caller's mistake, not ours.
+    try:
+        return dict(fields.decode())
+    except UnicodeDecodeError:
+        raise ContractError(400, "BR01", "the request is not valid UTF-8") from None
 
 
 def create_app(settings, cws=None, metrics=None):
@@ -229,17 +239,21 @@ def create_app(settings, cws=None, metrics=None):
 
 
 def returned_item_ids(query):
-    """Item ids of DELETE /order/{id}/inventory: `id[]=A&id[]=B`, repeated `id=A`, or PHP-style `id[0]=A`."""
-    return [value for key, value in query.allitems() if key == "id" or (key.startswith("id[") and key.endswith("]"))]
+    """Item ids of DELETE /order/{id}/inventory: `id[]=A&id[]=B`, repeated `id=A`, or PHP-style `id[0]=A`.
+    An id we cannot have issued (`%00`, which PostgreSQL refuses even in a lookup) is unknown: 404."""
+    return [check_id(value, "item") for key, value in query.allitems()
+            if key == "id" or (key.startswith("id[") and key.endswith("]"))]
 
 
 def store_notifications(data, now):
     """Keep every notification whole; an offer G2A switched off is also an alert."""
     entries = data if isinstance(data, list) else [data]
+    if len(entries) > MAX_NOTIFICATIONS:
+        raise ContractError(400, "BR02", f"at most {MAX_NOTIFICATIONS} notifications per request")
     for entry in entries:
         entry = entry if isinstance(entry, dict) else {"value": entry}
         detail = entry.get("data") if isinstance(entry.get("data"), dict) else {}
-        kind = str(entry.get("notification_type") or "unknown")[:64]
+        kind = _short_text(entry.get("notification_type") or "unknown")
         row = db.Notification.create(
             notification_type=kind, offer_id=_short_text(detail.get("offer_id")),
             auction_id=_short_text(detail.get("auction_id")), message=_short_text(detail.get("message"), 2000),
@@ -251,7 +265,8 @@ def store_notifications(data, now):
 
 
 def _short_text(value, limit=64):
-    return None if value is None else str(value)[:limit]
+    # PostgreSQL text cannot hold NUL; G2A's text never has one, so it is dropped rather than refused.
+    return None if value is None else str(value).replace("\x00", "")[:limit]
 
 
 def install_error_pages(app):

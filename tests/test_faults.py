@@ -5,10 +5,9 @@ contract's 9 s and under 3 s where the design promises it. No order is lost or b
 per G2A order, found by our client order id. The bridge catches up once the upstream is back. And the logs
 name what happened, by event name.
 """
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta, timezone, datetime
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -26,7 +25,7 @@ G2A_ORDER = 80201000000100
 # ---- helpers ----------------------------------------------------------------------------------------
 
 class Timed:
-    """G2A's side of the bridge, timing every call (status and seconds), safe to share between threads."""
+    """G2A's side of the bridge, timing every call (status and seconds)."""
 
     def __init__(self, g2a):
         self.g2a, self.calls = g2a, []
@@ -57,9 +56,6 @@ class Timed:
 
     def slowest(self, what=""):
         return max((seconds for call, _, seconds in self.calls if call.startswith(what)), default=0.0)
-
-    def statuses(self):
-        return sorted({status for _, status, _ in self.calls})
 
 
 class Outage:
@@ -107,9 +103,12 @@ def inventory_size(answer):
 def backdate_claims(fresh_db, seconds):
     """Let `seconds` pass for crash recovery: the processes' clocks can't be moved, the claims' times can
     (time is a parameter, STYLE 9). Only orders still waiting for their purchase are touched."""
-    order = fresh_db.Order
-    order.update(placed_at=order.placed_at - timedelta(seconds=seconds), next_check_at=db.utcnow()).where(
-        order.state == db.CLAIMED).execute()
+    orders = fresh_db.Order
+    # A list first: writing while this connection's SELECT is still open fails at once with "database is
+    # locked" whenever the worker has committed since the SELECT began.
+    for order in list(orders.select().where(orders.state == db.CLAIMED)):
+        orders.update(placed_at=order.placed_at - timedelta(seconds=seconds), next_check_at=db.utcnow()).where(
+            orders.id == order.id, orders.placed_at == order.placed_at).execute()
 
 
 # ---- CWS during reservations ------------------------------------------------------------------------
@@ -185,29 +184,42 @@ def test_cws_faults_on_a_stock_refresh_are_retried_or_answered_from_the_cache(st
 
 # ---- CWS during purchases ---------------------------------------------------------------------------
 
-PURCHASE_FAULTS = [  # (name, how CWS misbehaves on POST /v3/orders, whether CWS stored the order, web event)
-    ("rate_limited", (429,), False, "order.place_deferred"),
-    ("error_500", (500,), False, "order.outcome_unknown"),
-    ("timeout", ("timeout",), False, "order.outcome_unknown"),
-    ("garbage", ("garbage",), False, "order.outcome_unknown"),
-    ("empty", ("empty",), False, "order.outcome_unknown"),
-    ("stored_then_500", "commit_then_500", True, "order.outcome_unknown"),
-    ("stored_then_hang", "commit_then_hang", True, "order.outcome_unknown"),
+def on_purchase(*outcomes):
+    """Faults for the next /v3/orders calls: with only the web running, that is the purchase."""
+    return lambda sim: sim.cws.fail_next("/v3/orders", *outcomes)
+
+
+def cws_mode(mode):
+    return lambda sim: sim.cws.set_fulfilment(SWITCH_CWS, mode)
+
+
+def token_lost_then_refresh_fails(sim):
+    sim.cws.expire_token()  # the purchase gets 401, and fetching a new token fails twice
+    sim.cws.fail_next("/oauth/token", 503, 503)
+
+
+PURCHASE_FAULTS = [  # (name, how CWS misbehaves, whether CWS stored the order, what the web logs)
+    ("rate_limited", on_purchase(429), False, "order.place_deferred"),
+    ("error_500", on_purchase(500), False, "order.outcome_unknown"),
+    ("timeout", on_purchase("timeout"), False, "order.outcome_unknown"),
+    ("garbage", on_purchase("garbage"), False, "order.outcome_unknown"),
+    ("empty", on_purchase("empty"), False, "order.outcome_unknown"),
+    ("token_refresh_fails", token_lost_then_refresh_fails, False, "order.place_deferred"),
+    ("stored_then_500", cws_mode("commit_then_500"), True, "order.outcome_unknown"),
+    ("stored_then_hang", cws_mode("commit_then_hang"), True, "order.outcome_unknown"),
 ]
+NOT_STORED = sum(1 for _, _, stored, _ in PURCHASE_FAULTS if not stored)
 
 
 def test_purchases_hit_by_cws_faults_answer_in_time_and_end_with_exactly_one_cws_order_each(
         start_bridge, sim, fresh_db):
     sim.cws.hang_seconds = 3.0
-    env = {**QUICK, "ORDER_INLINE_WAIT_SECONDS": "1"}
+    env = {**QUICK, "ORDER_INLINE_WAIT_SECONDS": "1", "STOCK_MAX_AGE_SECONDS": "3600"}  # no refresh takes a fault
     web = start_bridge("web", **env)
     g2a = Timed(web.g2a)
     orders = {}
     for number, (name, fault, _, _) in enumerate(PURCHASE_FAULTS):
-        if isinstance(fault, str):
-            sim.cws.set_fulfilment(SWITCH_CWS, fault)
-        else:
-            sim.cws.fail_next("/v3/orders", *fault)  # only the web runs: the next /v3/orders call is the purchase
+        fault(sim)
         answer = g2a.buy(SWITCH, G2A_ORDER + number)
         sim.cws.set_fulfilment(SWITCH_CWS, "instant")
         assert answer.status_code == 202 and answer.json()["stock"][0]["inventory"] == [], (name, answer.text)
@@ -220,7 +232,7 @@ def test_purchases_hit_by_cws_faults_answer_in_time_and_end_with_exactly_one_cws
         assert fresh_db.Order.get_by_id(orders[name]).state == db.CLAIMED, name
 
     worker = start_bridge("worker", **env)
-    wait_for(lambda: len(events(worker, "order.not_at_cws_yet")) >= 5, timeout=20,
+    wait_for(lambda: len(events(worker, "order.not_at_cws_yet")) >= NOT_STORED, timeout=20,
              what="the worker looking up every purchase CWS never took")
     wait_for(lambda: len([line for line in events(worker, "order.recovered") if "how=adopted" in line]) == 2,
              timeout=20, what="the two purchases CWS stored being adopted")
@@ -230,7 +242,8 @@ def test_purchases_hit_by_cws_faults_answer_in_time_and_end_with_exactly_one_cws
         keys = _wait_keys(g2a, orders[name], name)
         assert keys == cws_codes(sim, G2A_ORDER + number), name
     assert len(sim.cws.orders) == len(PURCHASE_FAULTS)
-    assert len([line for line in events(worker, "order.recovered") if "how=placed_again" in line]) == 5
+    placed_again = [line for line in events(worker, "order.recovered") if "how=placed_again" in line]
+    assert len(placed_again) == NOT_STORED
     assert not events(worker, "order.failed") and not events(web, "order.failed")
     assert g2a.slowest() < G2A_LIMIT, g2a.calls
 
@@ -303,7 +316,8 @@ def test_a_cws_token_that_expires_mid_run_is_renewed_and_no_purchase_is_sent_twi
     sim.cws.expire_token()  # CWS forgets the token we hold: the next purchase is refused with 401 first
     assert g2a.buy(SWITCH, G2A_ORDER + 1).status_code == 200
     assert sim.cws.requests["POST /oauth/token"] == tokens + 1
-    sim.cws.token_ttl = 1  # now tokens live one second: each is renewed before or as it runs out
+    sim.cws.token_ttl = 1  # from now on tokens live one second: each is renewed before or as it runs out
+    sim.cws.expire_token()
     for number in range(2, 8):
         answer = g2a.buy(SWITCH, G2A_ORDER + number)
         assert answer.status_code == 200, answer.text
@@ -314,3 +328,90 @@ def test_a_cws_token_that_expires_mid_run_is_renewed_and_no_purchase_is_sent_twi
     assert sim.cws.requests["POST /oauth/token"] >= tokens + 3
     assert g2a.slowest() < CACHE_ANSWER, g2a.calls
     assert not events(web, "order.outcome_unknown") and not events(web, "order.failed")
+
+
+# ---- the sync against G2A and CWS faults --------------------------------------------------------------
+
+SYNC = {**QUICK, "SYNC_INTERVAL_SECONDS": "1"}
+IN_SYNC = {SWITCH: ("6.83", 25, True), SKYLINES: ("6.50", 8, True)}  # cost + 0.50 profit, / (1 - 15 % fee)
+
+
+def offers(sim):
+    found = {g2a_id: sim.g2a.offer_for_product(g2a_id) for g2a_id in (SWITCH, SKYLINES)}
+    return {g2a_id: (offer["price"], offer["inventory"]["size"], offer["active"]) for g2a_id, offer in found.items()}
+
+
+def offers_become(sim, expected, timeout=20):
+    seen = []
+    wait_for(lambda: seen.append(offers(sim)) or seen[-1] == expected, timeout, what=f"G2A offers {expected}")
+    return seen[-1]
+
+
+def believed_in_sync(fresh_db, timeout=20):
+    """Wait until the bridge has recorded every offer as confirmed by G2A."""
+    wait_for(lambda: {p.sync_state for p in fresh_db.Product.select()} == {"in_sync"}, timeout,
+             what="every product in sync")
+
+
+def test_g2a_down_during_sync_is_caught_up_when_it_returns(start_bridge, sim, fresh_db):
+    worker = start_bridge("worker", **SYNC)
+    offers_become(sim, IN_SYNC)
+    believed_in_sync(fresh_db)
+    with Outage(sim.g2a) as outage:
+        sim.cws.set_quantity(SWITCH_CWS, 0)  # sold out: must be switched off
+        sim.cws.set_prices(SKYLINES_CWS, [(1, None, "6.00")])  # cost rise: the price must go up
+        wait_for(lambda: events(worker, "alert.sync_failing"), timeout=30, what="three failed passes in a row")
+        assert offers(sim) == IN_SYNC and outage.dropped
+    offers_become(sim, {SWITCH: ("6.83", 0, False), SKYLINES: ("7.65", 8, True)})
+    assert all("service=g2a" in line for line in events(worker, "upstream.retry"))
+    assert events(worker, "sync.write_failed") and events(worker, "job.failed")
+    believed_in_sync(fresh_db)
+
+
+def test_a_write_g2a_applied_but_whose_job_answer_was_lost_is_sent_again_when_needed(start_bridge, sim):
+    sim.g2a.fail_next("/v3/jobs/", 502, 502, 502, 502)  # both writes reach G2A, every poll of their jobs fails
+    worker = start_bridge("worker", **SYNC)
+    offers_become(sim, IN_SYNC)  # G2A applied both: active, 25 and 8 keys
+    sim.cws.set_quantity(SWITCH_CWS, 0)  # and before the next pass reads CWS, Switch sells out
+    offers_become(sim, {**IN_SYNC, SWITCH: ("6.83", 0, False)})
+    assert len(events(worker, "sync.write_failed")) == 2
+
+
+def test_g2a_rate_limits_a_full_queue_5xx_garbage_timeouts_and_failed_jobs_are_ridden_out_by_the_sync(
+        start_bridge, sim):
+    sim.g2a.hang_seconds = 3.0
+    worker = start_bridge("worker", **{**SYNC, "G2A_RETRY_MAX": "2"})
+    offers_become(sim, IN_SYNC)
+    sim.g2a.fail_next("/v3/sales/offers/", "queue_full", 429, 503, "garbage", "timeout", 500)  # the PATCHes
+    sim.g2a.fail_next("/v3/jobs/", "garbage", 502, "timeout")  # their job polls
+    sim.g2a.fail_jobs(1)
+    sim.cws.set_quantity(SWITCH_CWS, 11)
+    sim.cws.set_quantity(SKYLINES_CWS, 3)
+    offers_become(sim, {SWITCH: ("6.83", 11, True), SKYLINES: ("6.50", 3, True)}, timeout=30)
+    retries = events(worker, "upstream.retry")
+    for status in ("status=400", "status=429", "status=503", "status=200", "status=error", "status=502"):
+        assert any(status in line and "service=g2a" in line for line in retries), status  # 200: garbage
+    assert any("JOB_FAILED" in line for line in events(worker, "sync.write_failed"))
+
+
+def test_an_expired_g2a_token_mid_run_is_renewed_once_and_the_sync_goes_on(start_bridge, sim):
+    worker = start_bridge("worker", **SYNC)
+    offers_become(sim, IN_SYNC)
+    tokens = sim.g2a.requests["POST /oauth/token"]
+    sim.g2a.now = lambda: datetime.now(timezone.utc) + timedelta(hours=2)  # every token G2A issued has run out
+    sim.cws.set_quantity(SWITCH_CWS, 12)
+    offers_become(sim, {**IN_SYNC, SWITCH: ("6.83", 12, True)})
+    assert sim.g2a.requests["POST /oauth/token"] == tokens + 1
+    assert not events(worker, "sync.write_failed") and not events(worker, "alert.auth_failed")
+
+
+def test_cws_down_during_sync_keeps_the_offers_as_they_were_and_catches_up_when_it_returns(start_bridge, sim):
+    worker = start_bridge("worker", **SYNC)
+    offers_become(sim, IN_SYNC)
+    with Outage(sim.cws):
+        sim.cws.set_quantity(SWITCH_CWS, 5)
+        wait_for(lambda: events(worker, "alert.sync_failing"), timeout=30, what="three failed passes in a row")
+        assert offers(sim) == IN_SYNC  # an outage is not "sold out": nothing is switched off
+    offers_become(sim, {**IN_SYNC, SWITCH: ("6.83", 5, True)})
+    assert any("service=cws" in line for line in events(worker, "upstream.retry"))
+    assert any("CWS products" in line for line in events(worker, "job.failed"))

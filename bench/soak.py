@@ -1,0 +1,450 @@
+"""Soak: a bounded run of steady G2A traffic and catalogue churn against real web and worker processes, watching
+throughput, errors and memory.
+
+The simulator (2,000 CWS products with matching G2A offers, 30 % of them fulfilled late) runs in its own process;
+`web` and `worker` are the real `python -m bridge` processes on a throwaway SQLite file. Buyer threads reserve at a
+steady rate and then order (instant or delayed), release, renew or abandon; delivered keys are sometimes returned;
+a changer moves CWS prices and stock every few seconds and sends signed STOCK postbacks for half of the changes,
+so sync runs both from its full passes and from postbacks. Every 30 s a line shows throughput, answers by status
+and the RSS of web and worker (VmRSS from /proc); the end shows RSS growth (start -> end and a slope per minute
+after the first minute) and the totals. Stops by itself.
+
+Usage: .venv/bin/python bench/soak.py [--minutes 10] [--rate 8] [--products 2000]
+"""
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.postbacks import expected_hash  # noqa: E402
+from bridge.pricing import decide_price  # noqa: E402
+from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
+                              G2A_API_SECRET, Simulator)
+
+CLIENT_ID, CLIENT_SECRET = "soak-client", "soak-secret-0123456789abcdef0123"
+PROFIT, FEE = Decimal("0.50"), Decimal("0.15")  # the bridge's defaults: offers start at the price it would set
+REPORT_EVERY, SAMPLE_EVERY = 30.0, 5.0
+DELAYED_SHARE = 0.3
+DELAYED_POLLS = 4  # CWS GETs before a delayed order completes (the worker polls every 0.5 s)
+
+
+def entry(i):
+    """(cws id, g2a id, cost, quantity, delayed) of product i."""
+    return str(uuid.UUID(int=i + 1)), 10**13 + i, Decimal(100 + i % 900) / 100, 20 + i % 30, i % 10 < 10 * DELAYED_SHARE
+
+
+# ---- the simulator process ---------------------------------------------------------------------------------------
+
+def simulator_process(conn, size):
+    sim = Simulator().start()
+    sim.cws.page_size, sim.cws.balance = 1000, Decimal("100000000")
+    for i in range(size):
+        cws_id, g2a_id, cost, quantity, delayed = entry(i)
+        sim.cws.add_product(cws_id, quantity, [(1, None, str(cost))], name=f"Soak game {i}")
+        if delayed:
+            sim.cws.set_fulfilment(cws_id, "delayed", polls=DELAYED_POLLS)
+        sim.g2a.add_offer(g2a_id, decide_price(cost, PROFIT, FEE).price, quantity, active=True)
+    conn.send((sim.cws_url, sim.g2a_url))
+    def change(cws_id, quantity, price):
+        sim.cws.set_quantity(cws_id, quantity)
+        sim.cws.set_prices(cws_id, [(1, None, price)])
+
+    commands = {"set": change, "counts": lambda: {"g2a_writes": len(sim.g2a.patches), "cws_orders": len(sim.cws.orders)}}
+    while True:
+        name, args = conn.recv()
+        if name == "stop":
+            sim.stop()
+            conn.send(None)
+            return
+        conn.send(commands[name](*args))
+
+
+class Remote:
+    """Calls into the simulator process, one at a time."""
+
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def __call__(self, name, *args):
+        with self.lock:
+            self.conn.send((name, args))
+            return self.conn.recv()
+
+
+# ---- web and worker ----------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(folder, cws_url, g2a_url, port, size):
+    (folder / "empty.env").write_text("")
+    products = [{"cws_product_id": entry(i)[0], "g2a_product_id": entry(i)[1]} for i in range(size)]
+    (folder / "products.json").write_text(json.dumps({"products": products}))
+    return {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
+            "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
+            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_CLIENT_SIGNATURE": CWS_CLIENT_SIGNATURE,
+            "CWS_API_BASE_URL": cws_url, "G2A_API_KEY": G2A_API_KEY, "G2A_API_SECRET": G2A_API_SECRET,
+            "G2A_API_BASE_URL": g2a_url, "DATABASE_URL": f"sqlite:///{folder}/bridge.db",
+            "PRODUCTS_FILE": str(folder / "products.json"), "PORT": str(port), "LOG_LEVEL": "WARNING",
+            "SYNC_INTERVAL_SECONDS": "15", "RESERVATION_TTL_MINUTES": "1", "ORDER_INLINE_WAIT_SECONDS": "1"}
+
+
+def start(command, env, folder):
+    log = open(folder / f"{command}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_ready(base, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"web exited with {proc.returncode}")
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("web never became ready")
+
+
+def memory(pid):
+    """(RSS in MB, open file descriptors) of a process, or (nan, 0) once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, StopIteration):
+        return math.nan, 0
+
+
+# ---- what G2A does -------------------------------------------------------------------------------------------------
+
+class Stats:
+    """Answers by (action, status), latencies per action since the last report, and other counters."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.answers, self.counters = Counter(), Counter()
+        self.latency = {}
+        self.delivery = []
+
+    def record(self, action, status, seconds):
+        with self.lock:
+            self.answers[(action, status)] += 1
+            self.latency.setdefault(action, []).append(seconds)
+
+    def count(self, name, n=1):
+        with self.lock:
+            self.counters[name] += n
+
+    def take_latency(self):
+        with self.lock:
+            taken, self.latency = self.latency, {}
+        return taken
+
+
+class G2A:
+    """Buyer threads, the delayed-key checker and the catalogue changer."""
+
+    def __init__(self, base, stats, remote, size, rate, seed=7):
+        self.base, self.stats, self.remote, self.size, self.rate = base, stats, remote, size, rate
+        self.local, self.rng_lock = threading.local(), threading.Lock()
+        self.rng = random.Random(seed)
+        self.order_ids = itertools.count(80300000000000)
+        self.pending = {}  # order_id -> when POST /order answered 202
+        self.delivered = []  # (order_id, [item ids]) that may be returned later
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.token = self._token()
+
+    def _token(self):
+        answer = requests.get(f"{self.base}/oauth/token", params={
+            "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, timeout=10)
+        answer.raise_for_status()
+        return answer.json()["access_token"]
+
+    def call(self, action, method, path, body=None):
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+        started = time.perf_counter()
+        try:
+            answer = self.local.session.request(method, self.base + path, json=body, timeout=30,
+                                                headers={"Authorization": f"Bearer {self.token}"})
+        except requests.RequestException as exc:
+            self.stats.record(action, type(exc).__name__, time.perf_counter() - started)
+            return None
+        self.stats.record(action, answer.status_code, time.perf_counter() - started)
+        return answer
+
+    def pick(self, *weights):
+        with self.rng_lock:
+            return self.rng.random(), self.rng.randrange(self.size), self.rng.choices(range(len(weights)), weights)[0]
+
+    # -- buyers --
+
+    def buyer(self, threads):
+        interval, next_at = threads / self.rate, time.monotonic()
+        while not self.stop.is_set():
+            next_at += interval
+            self.one_sale()
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def one_sale(self):
+        _, product, what = self.pick(50, 20, 10, 20)  # order, release, renew then release, abandon
+        _, g2a_id, _, _, _ = entry(product)
+        answer = self.call("reserve", "POST", "/reservation", [{"product_id": g2a_id, "quantity": 1}])
+        if answer is None or answer.status_code != 200:
+            return
+        reservation_id = answer.json()["reservation_id"]
+        if what == 0:
+            self.order(reservation_id)
+        elif what in (1, 2):
+            if what == 2:
+                self.call("renew", "PUT", f"/reservation/{reservation_id}")
+            self.call("release", "DELETE", f"/reservation/{reservation_id}")
+        else:
+            self.stats.count("abandoned reservations")
+
+    def order(self, reservation_id):
+        with self.lock:
+            g2a_order_id = next(self.order_ids)
+        answer = self.call("order", "POST", "/order", {"reservation_id": reservation_id, "g2a_order_id": g2a_order_id})
+        if answer is None or answer.status_code not in (200, 202):
+            return
+        body = answer.json()
+        if answer.status_code == 202:
+            with self.lock:
+                self.pending[body["order_id"]] = time.monotonic()
+        else:
+            self.keep(body["order_id"], [line["id"] for entry in body["stock"] for line in entry["inventory"]])
+
+    def keep(self, order_id, item_ids):
+        with self.lock:
+            self.delivered.append((order_id, item_ids))
+            del self.delivered[:-200]
+
+    # -- late keys and returns --
+
+    def checker(self):
+        while not self.stop.wait(1.0):
+            with self.lock:
+                pending = list(self.pending.items())
+            for order_id, since in pending:
+                answer = self.call("inventory", "GET", f"/order/{order_id}/inventory")
+                keys = [line["id"] for entry in answer.json() for line in entry["inventory"]] \
+                    if answer is not None and answer.status_code == 200 else []
+                if keys:
+                    with self.lock:
+                        self.pending.pop(order_id, None)
+                        self.stats.delivery.append(time.monotonic() - since)
+                    self.keep(order_id, keys)
+            self.maybe_return()
+
+    def maybe_return(self):
+        """Now and then G2A refunds a buyer: the keys of a delivered order go back to the pool."""
+        chance, pick, _ = self.pick(1)
+        with self.lock:
+            chosen = self.delivered.pop(pick % len(self.delivered)) if self.delivered and chance < 0.2 else None
+        if chosen:
+            order_id, item_ids = chosen
+            query = "&".join(f"id[]={item_id}" for item_id in item_ids)
+            self.call("return", "DELETE", f"/order/{order_id}/inventory?{query}")
+
+    # -- catalogue churn --
+
+    def changer(self, every, per_change):
+        while not self.stop.wait(every):
+            for _ in range(per_change):
+                chance, product, _ = self.pick(1)
+                cws_id, _, cost, quantity, _ = entry(product)
+                new_cost = (cost * Decimal(str(0.9 + chance * 0.2))).quantize(Decimal("0.01"))
+                self.remote("set", cws_id, 5 + int(chance * 1000) % 50, str(new_cost))
+                self.stats.count("CWS changes")
+                if chance < 0.5:
+                    body = {"type": "STOCK", "authHash": expected_hash(CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE),
+                            "products": [{"productId": cws_id}]}
+                    self.call("postback", "POST", "/cws/postback", body)
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------------
+
+def pct(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] * 1000 if ordered else math.nan
+
+
+def slope(samples):
+    """Least-squares MB per minute over (seconds, MB) samples."""
+    points = [(t / 60, mb) for t, mb in samples if not math.isnan(mb)]
+    if len(points) < 2:
+        return math.nan
+    mean_t, mean_mb = statistics.fmean(t for t, _ in points), statistics.fmean(mb for _, mb in points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (mb - mean_mb) for t, mb in points) / spread if spread else math.nan
+
+
+def interval_line(elapsed, seconds, stats, previous, rss, counts, pending):
+    answers = stats.answers.copy()
+    new = answers - previous
+    seconds = max(seconds, 1.0)
+    rate = {action: sum(n for (a, _), n in new.items() if a == action) / seconds
+            for action in ("reserve", "order")}
+    errors = Counter()
+    for (action, status), n in new.items():
+        if status not in (200, 202, 204):
+            errors[f"{action}:{status}"] += n
+    latency = stats.take_latency()
+    return (f"[{elapsed / 60:5.1f} min] reserve {rate['reserve']:5.1f}/s (p95 {pct(latency.get('reserve', []), .95):4.0f} ms)"
+            f"  order {rate['order']:4.1f}/s (p95 {pct(latency.get('order', []), .95):5.0f} ms)"
+            f"  late keys waiting {pending:3d}  G2A writes {counts['g2a_writes']:5d}"
+            f"  RSS web {rss['web']:5.1f} MB worker {rss['worker']:5.1f} MB"
+            f"  non-2xx {dict(errors) if errors else 0}"), answers
+
+
+def summary(stats, samples, started, ended, counts, folder, pending):
+    minutes = (ended - started) / 60
+    lines = [f"== soak: {minutes:.1f} min =="]
+    for name in ("web", "worker"):
+        series = [(t, s[name][0]) for t, s in samples]
+        late = [(t, mb) for t, mb in series if t >= 60] or series
+        lines.append(f"RSS {name:<6} start {series[0][1]:6.1f} MB -> after 1 min {late[0][1]:6.1f} MB -> end "
+                     f"{series[-1][1]:6.1f} MB  (peak {max(mb for _, mb in series):6.1f} MB; slope after the "
+                     f"first minute {slope(late):+.2f} MB/min, whole run {slope(series):+.2f} MB/min); open fds "
+                     f"{samples[0][1][name][1]} -> {samples[-1][1][name][1]}")
+    by_action = Counter()
+    for (action, status), n in stats.answers.items():
+        by_action[action] += n
+    for action in sorted(by_action):
+        statuses = sorted(((str(s), n) for (a, s), n in stats.answers.items() if a == action))
+        lines.append(f"{action:<10} {by_action[action]:6d}  ({by_action[action] / (ended - started):5.2f}/s)  "
+                     + "  ".join(f"{s}x{n}" for s, n in statuses))
+    delivery = stats.delivery
+    lines.append(f"late keys  {len(delivery)} delivered after 202 (202 -> keys p50 {pct(delivery, .5):.0f} ms, "
+                 f"p95 {pct(delivery, .95):.0f} ms), {pending} still waiting at the end")
+    lines.append(f"catalogue  {stats.counters['CWS changes']} CWS price/stock changes; {counts['g2a_writes']} G2A "
+                 f"offer writes; {counts['cws_orders']} CWS orders; {stats.counters['abandoned reservations']} "
+                 f"reservations left to expire")
+    logs = {name: (folder / f"{name}.log").read_text(errors="replace") for name in ("web", "worker")}
+    for name, text in logs.items():
+        errors = [line for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL"))]
+        kinds = Counter(line.split()[2] if len(line.split()) > 2 else line for line in errors)
+        lines.append(f"{name} log  {len(text.splitlines())} lines at WARNING+, {len(errors)} ERROR"
+                     + (f" {dict(kinds.most_common(5))}" if kinds else "")
+                     + ("  TRACEBACK PRESENT" if "Traceback" in text else ""))
+    database = folder / "bridge.db"
+    size = sum(p.stat().st_size for p in folder.glob("bridge.db*"))
+    lines.append(f"database   {size / 1e6:.1f} MB ({database.name} + WAL)")
+    return "\n".join(lines)
+
+
+# ---- driver ------------------------------------------------------------------------------------------------------------
+
+def run(args, folder):
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    simulator = ctx.Process(target=simulator_process, args=(child, args.products), daemon=True)
+    simulator.start()
+    cws_url, g2a_url = parent.recv()
+    remote, port = Remote(parent), free_port()
+    env = environment(folder, cws_url, g2a_url, port, args.products)
+    procs = {"web": start("web", env, folder), "worker": start("worker", env, folder)}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, procs["web"])
+        print(f"soak: {args.minutes} min, {args.rate} reservations/s, {args.products} products "
+              f"({DELAYED_SHARE:.0%} fulfilled late), {args.change_count} CWS changes every {args.change_every} s; "
+              f"web pid {procs['web'].pid}, worker pid {procs['worker'].pid}, files in {folder}", flush=True)
+        drive(args, base, remote, procs, folder)
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            try:
+                code = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = "killed after 15 s"
+            print(f"{name} stopped: exit {code}")
+        remote("stop")
+        simulator.join(10)
+
+
+def drive(args, base, remote, procs, folder):
+    stats = Stats()
+    g2a = G2A(base, stats, remote, args.products, args.rate)
+    threads = [threading.Thread(target=g2a.buyer, args=(args.threads,), daemon=True) for _ in range(args.threads)]
+    threads += [threading.Thread(target=g2a.checker, daemon=True),
+                threading.Thread(target=g2a.changer, args=(args.change_every, args.change_count), daemon=True)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    samples, previous, last_report = [], Counter(), started
+    end = started + args.minutes * 60
+    while True:
+        now = time.monotonic()
+        samples.append((now - started, {name: memory(proc.pid) for name, proc in procs.items()}))
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"!! {name} exited with {proc.returncode}", flush=True)
+                end = now
+        if now >= last_report + REPORT_EVERY or now >= end:
+            rss = {name: mb for name, (mb, _) in samples[-1][1].items()}
+            line, previous = interval_line(now - started, now - last_report, stats, previous, rss, remote("counts"),
+                                           len(g2a.pending))
+            print(line, flush=True)
+            last_report = now
+        if now >= end:
+            break
+        time.sleep(min(SAMPLE_EVERY, max(0.0, end - time.monotonic())))
+    g2a.stop.set()
+    for thread in threads:
+        thread.join(35)
+    ended = time.monotonic()
+    print(summary(stats, samples, started, ended, remote("counts"), folder, len(g2a.pending)), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long to run (default 10)")
+    parser.add_argument("--rate", type=float, default=8.0, help="reservations per second (default 8)")
+    parser.add_argument("--threads", type=int, default=6, help="buyer threads (default 6)")
+    parser.add_argument("--products", type=int, default=2000, help="mapped products (default 2000)")
+    parser.add_argument("--change-every", type=float, default=2.0, help="seconds between CWS changes (default 2)")
+    parser.add_argument("--change-count", type=int, default=3, help="products changed each time (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder (logs, database) afterwards")
+    args = parser.parse_args(argv)
+    if args.keep:
+        run(args, Path(tempfile.mkdtemp(prefix="soak-")))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="soak-") as folder:
+        run(args, Path(folder))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
