@@ -195,14 +195,13 @@ class Buyer:
         roll = self.rng.random()
         if roll < 0.5:
             return self.order(reservation_id, g2a_id, quantity)
-        if roll < 0.75:
-            if self.call("DELETE", f"/reservation/{reservation_id}", "DELETE /reservation")[0] == 204:
-                with self.ledger.lock:
-                    self.ledger.released += 1
+        if roll < 0.75 and self.call("DELETE", f"/reservation/{reservation_id}", "DELETE /reservation")[0] == 204:
+            with self.ledger.lock:
+                self.ledger.released += 1
             return
-        if roll < 0.85 and self.call("PUT", f"/reservation/{reservation_id}", "PUT /reservation",
-                                     [{"product_id": g2a_id, "quantity": quantity}])[0] != 200:
-            return
+        if 0.75 <= roll < 0.85:  # renewed (a refused renewal keeps the reservation as it was: still held)
+            self.call("PUT", f"/reservation/{reservation_id}", "PUT /reservation",
+                      [{"product_id": g2a_id, "quantity": quantity}])
         with self.ledger.lock:
             self.ledger.held[g2a_id] += quantity
             self.ledger.kept += 1

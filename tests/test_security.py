@@ -320,19 +320,22 @@ def test_a_postback_without_or_with_a_wrong_auth_hash_is_401(web, sim):
     assert answer.status_code == 200
 
 
-def metrics_status(url, **headers):
-    return requests.get(f"{url}/metrics", headers=headers, timeout=10).status_code
+def status_of(url, **headers):
+    return requests.get(url, headers=headers, timeout=10).status_code
 
 
-def test_metrics_need_credentials_unless_asked_directly_on_this_machine(public_web):
-    g2a = public_web.g2a
-    if metrics_status(g2a.base_url) == 404:
-        pytest.skip("no /metrics endpoint in this build")
-    assert metrics_status(g2a.base_url) == 200  # from loopback, not through the proxy
-    assert metrics_status(g2a.base_url, **{"X-Forwarded-For": "203.0.113.1"}) == 401  # through the proxy
-    assert metrics_status(public_web.public_url) == 401  # from another machine
-    assert metrics_status(public_web.public_url, Authorization=f"Bearer {g2a.token()}") == 200
-    assert metrics_status(public_web.public_url, Authorization=basic(OUR_ID, OUR_SECRET)) == 200
+@pytest.mark.parametrize("path", ["/metrics", "/health?deep=1"])
+def test_metrics_and_deep_health_need_credentials_unless_asked_directly_on_this_machine(public_web, path):
+    """Both tell the CWS balance, order counts and what needs attention: not for the internet."""
+    local, public = public_web.g2a.base_url + path, public_web.public_url + path
+    if status_of(local) == 404:
+        pytest.skip(f"no {path} in this build")
+    assert status_of(local) in (200, 503)  # from loopback, not through the proxy (503: no worker heartbeat)
+    assert status_of(local, **{"X-Forwarded-For": "203.0.113.1"}) == 401  # through the proxy
+    assert status_of(public) == 401  # from another machine
+    assert status_of(public, Authorization=f"Bearer {public_web.g2a.token()}") in (200, 503)
+    assert status_of(public, Authorization=basic(OUR_ID, OUR_SECRET)) in (200, 503)
+    assert status_of(public_web.public_url + "/health") == 200  # the plain check stays public
 
 
 def test_errors_never_carry_a_stack_trace_or_server_version(web):
