@@ -69,7 +69,10 @@ def simulator_process(conn, size):
         sim.cws.set_quantity(cws_id, quantity)
         sim.cws.set_prices(cws_id, [(1, None, price)])
 
-    commands = {"set": change, "counts": lambda: {"g2a_writes": len(sim.g2a.patches), "cws_orders": len(sim.cws.orders)}}
+    def counts():
+        return {"g2a_writes": len(sim.g2a.patches), "cws_orders": len(sim.cws.orders)}
+
+    commands = {"set": change, "counts": counts}
     while True:
         name, args = conn.recv()
         if name == "stop":
@@ -291,7 +294,7 @@ class G2A:
                     self.call("postback", "POST", "/cws/postback", body)
 
 
-# ---- reporting -------------------------------------------------------------------------------------------------------
+# ---- reporting -------------------------------------------------------------------------------------------------
 
 def pct(values, share):
     ordered = sorted(values)
@@ -319,7 +322,8 @@ def interval_line(elapsed, seconds, stats, previous, rss, counts, pending):
         if status not in (200, 202, 204):
             errors[f"{action}:{status}"] += n
     latency = stats.take_latency()
-    return (f"[{elapsed / 60:5.1f} min] reserve {rate['reserve']:5.1f}/s (p95 {pct(latency.get('reserve', []), .95):4.0f} ms)"
+    return (f"[{elapsed / 60:5.1f} min] reserve {rate['reserve']:5.1f}/s "
+            f"(p95 {pct(latency.get('reserve', []), .95):4.0f} ms)"
             f"  order {rate['order']:4.1f}/s (p95 {pct(latency.get('order', []), .95):5.0f} ms)"
             f"  late keys waiting {pending:3d}  G2A writes {counts['g2a_writes']:5d}"
             f"  RSS web {rss['web']:5.1f} MB worker {rss['worker']:5.1f} MB"
@@ -362,7 +366,7 @@ def summary(stats, samples, started, ended, counts, folder, pending):
     return "\n".join(lines)
 
 
-# ---- driver ------------------------------------------------------------------------------------------------------------
+# ---- driver ----------------------------------------------------------------------------------------------------
 
 def run(args, folder):
     ctx = multiprocessing.get_context("spawn")
@@ -381,6 +385,7 @@ def run(args, folder):
               f"web pid {procs['web'].pid}, worker pid {procs['worker'].pid}, files in {folder}", flush=True)
         drive(args, base, remote, procs, folder)
     finally:
+        signalled = time.monotonic()
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
         for name, proc in procs.items():
@@ -389,7 +394,7 @@ def run(args, folder):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = "killed after 15 s"
-            print(f"{name} stopped: exit {code}")
+            print(f"{name} stopped: exit {code}, {time.monotonic() - signalled:.1f} s after SIGTERM")
         remote("stop")
         simulator.join(10)
 

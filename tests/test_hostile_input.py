@@ -447,7 +447,8 @@ postback_values = st.one_of(
 
 
 @HOSTILE
-@example(request=(json.dumps({"authHash": GOOD_HASH, "type": "STOCK", "products": [{"productId": "a\x00"}]}).encode(), []))
+@example(request=(json.dumps({"authHash": GOOD_HASH, "type": "STOCK", "products": [{"productId": "a\x00"}]}).encode(),
+                  []))
 @example(request=(json.dumps({"authHash": GOOD_HASH, "type": "PREORDER", "orderId": "\x00"}).encode(), []))
 @example(request=(json.dumps({"authHash": GOOD_HASH, "type": "PREORDER", "codeId": "\x00"}).encode(), []))
 @given(request=with_json(postback_values))
@@ -461,8 +462,9 @@ def test_cws_postbacks_never_fail_the_server(server, request):
 
 # ---- unknown paths and methods ------------------------------------------------------------------------------------
 
-KNOWN = ["/oauth/token", "/healthcheck", "/health", "/reservation", "/reservation/abc", "/order", "/order/abc/inventory",
-         "/order/abc/inventory/def", "/order/abc/inventory/def/account", "/notifications", "/cws/postback"]
+KNOWN = ["/oauth/token", "/healthcheck", "/health", "/reservation", "/reservation/abc", "/order",
+         "/order/abc/inventory", "/order/abc/inventory/def", "/order/abc/inventory/def/account", "/notifications",
+         "/cws/postback"]
 
 
 @HOSTILE
@@ -490,9 +492,11 @@ PROTOCOL_TRICKS = {
                            b"\r\n\r\n",
     "Content-Length not a number": b"POST /reservation HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     "two Content-Lengths": b"POST /reservation HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n[]",
-    "bad chunk size": b"POST /reservation HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "bad chunk size": b"POST /reservation HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"zz\r\nabc\r\n0\r\n\r\n",
     "body past 1 MiB": b"POST /reservation HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"[" * 65536,
-    "malformed X-Forwarded-For from the proxy": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: \"1.2.3.4\r\n\r\n",
+    "malformed X-Forwarded-For from the proxy": b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                                                b"X-Forwarded-For: \"1.2.3.4\r\n\r\n",
     "NUL in the path": b"GET /order/a\x00b/inventory HTTP/1.1\r\nHost: x\r\n\r\n",
     "raw UTF-8 in the path": "GET /order/\u202e\u0645/inventory HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
     "NUL in a header": b"GET /healthcheck HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \x00\r\n\r\n",
