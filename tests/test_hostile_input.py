@@ -510,8 +510,11 @@ def test_malformed_http_never_gets_a_5xx_and_the_server_lives_on(server, trick):
     """Waitress answers most of these itself before any route runs, with a text/plain 4xx (no JSON shape to pin
     there: see docs/decisions.md, Hostile input); what we hold it to is never a 5xx, and the next request served."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(PROTOCOL_TRICKS[trick])
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.sendall(PROTOCOL_TRICKS[trick])
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # Waitress may refuse an oversized request and close before it has read all of it
         reply = receive(sock)
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else None
     STATUSES["protocol (waitress)"][status or "closed"] += 1
@@ -524,7 +527,7 @@ def receive(sock):
     try:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    except (ConnectionResetError, TimeoutError):
+    except OSError:  # reset or not connected: the server closed first, which is an answer too
         pass
     return b"".join(chunks)
 
