@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge import db  # noqa: E402
-from bridge.simulator import CWS_CLIENT_ID, CWS_CLIENT_SECRET, G2A_API_KEY, G2A_API_SECRET  # noqa: E402
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, G2A_API_KEY, G2A_API_SECRET  # noqa: E402
 
 CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 FIRST_G2A_ID = 10000070000000
 SIMULATOR = r"""
 import json, random, sys, threading
 from decimal import Decimal
-from bridge.simulator import Simulator
+from bridge.sim import Simulator
 spec = json.load(open(sys.argv[1]))
 sim = Simulator(int(sys.argv[2]), int(sys.argv[3])).start()
 sim.cws.balance = Decimal("1000000000")

@@ -23,7 +23,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, DEMO_PRODUCTS, G2A_API_KEY,  # noqa: E402
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, DEMO_PRODUCTS, G2A_API_KEY,  # noqa: E402
                               G2A_API_SECRET)
 
 CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
@@ -31,7 +31,7 @@ CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 SIMULATOR = """
 import sys, threading
 from decimal import Decimal
-from bridge.simulator import Simulator
+from bridge.sim import Simulator
 sim = Simulator(int(sys.argv[1]), int(sys.argv[2])).start()
 sim.seed_demo()
 sim.cws.balance = Decimal("1000000")  # no control route for it

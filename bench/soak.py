@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bridge.postbacks import expected_hash  # noqa: E402
 from bridge.pricing import decide_price  # noqa: E402
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
                               G2A_API_SECRET, Simulator)
 
 CLIENT_ID, CLIENT_SECRET = "soak-client", "soak-secret-0123456789abcdef0123"

@@ -33,7 +33,7 @@ from bridge.pause import PauseSwitch  # noqa: E402
 from bridge.postbacks import expected_hash, handle  # noqa: E402
 from bridge.pricing import decide_price  # noqa: E402
 from bridge.products import apply_mapping, load_mapping  # noqa: E402
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
                               G2A_API_SECRET, Simulator)
 from bridge.sync import REQUESTS_PER_WRITE, SyncEngine  # noqa: E402
 from bridge.upstream import RequestBudget  # noqa: E402

@@ -7,7 +7,7 @@ import threading
 
 from peewee import PeeweeException
 
-from . import db, demo, doctor, pause, simulator, status, web, worker
+from . import db, demo, doctor, pause, sim, status, web, worker
 from . import log as logsetup
 from .config import load_settings
 from .cws import CwsClient
@@ -56,7 +56,7 @@ def _cmd_worker(args):
 
 
 def _cmd_simulate(args):
-    return simulator.main(["--cws-port", str(args.cws_port), "--g2a-port", str(args.g2a_port)])
+    return sim.main(["--cws-port", str(args.cws_port), "--g2a-port", str(args.g2a_port)])
 
 
 def _cmd_demo(args):

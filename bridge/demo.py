@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from .simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, DEMO_PRODUCTS, G2A_API_KEY,
+from .sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, DEMO_PRODUCTS, G2A_API_KEY,
                         G2A_API_SECRET, Simulator)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import requests
 
 from bridge import db, migrations
 from bridge.config import load_settings
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, DEMO_PRODUCTS,
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, DEMO_PRODUCTS,
                               G2A_API_KEY, G2A_API_SECRET, Simulator)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.postbacks import expected_hash
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY, G2A_API_SECRET,
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY, G2A_API_SECRET,
                               Simulator)
 
 CODES = {"AUTH01", "AUTH02", "AUTH03", "BR01", "BR02", "ERR99"}

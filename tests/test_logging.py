@@ -10,7 +10,7 @@ from fake_webhook import webhook  # noqa: F401 (a fixture)
 from polling import wait_for
 
 from bridge import log as logsetup
-from bridge.simulator import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_SECRET
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_SECRET
 
 
 def cws_token(sim):

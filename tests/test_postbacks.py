@@ -15,7 +15,7 @@ from bridge.migrations import open_database
 from bridge.pause import PauseSwitch
 from bridge.postbacks import expected_hash, handle
 from bridge.products import Mapping, apply_mapping
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
                               G2A_API_SECRET, Simulator)
 from bridge.sync import SyncEngine
 

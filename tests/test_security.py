@@ -26,7 +26,7 @@ from bridge.config import CWS_HOSTS, G2A_HOSTS, Settings
 from bridge.cws import CwsClient
 from bridge.errors import ConfigError, ContractError
 from bridge.g2a import G2aClient
-from bridge.simulator import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_SECRET
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_SECRET
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 NOW = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)

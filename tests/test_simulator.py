@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
                               G2A_API_SECRET, Simulator)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -613,7 +613,7 @@ def test_the_simulator_binds_to_loopback_only():
 
 
 def test_main_serves_seeded_fakes_until_sigterm():
-    process = subprocess.Popen([sys.executable, "-c", "import sys; from bridge.simulator import main; "
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from bridge.sim import main; "
                                 "sys.exit(main(['--cws-port', '0', '--g2a-port', '0']))"],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lines = [process.stdout.readline() for _ in range(3)]

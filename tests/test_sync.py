@@ -13,7 +13,7 @@ from bridge.g2a import G2aClient
 from bridge.migrations import open_database
 from bridge.pause import PauseSwitch, set_paused
 from bridge.products import MappingWatcher, apply_mapping, load_mapping
-from bridge.simulator import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
+from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
                               G2A_API_SECRET, Simulator)
 from bridge.stock import available_stock
 from bridge.offers import ProductState

@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 
 import requests
 
-from bridge.sim_http import BadRequest, FakeApi, HttpError, Reply, Route, to_json
+from .server import BadRequest, FakeApi, HttpError, Reply, Route, to_json
 
 CWS_CLIENT_ID = "ff72ce315d1259e822f47d87d02d261e"
 CWS_CLIENT_SECRET = "$2a$10$E2jVWDADFA5gh6zlRVcrlOOX01Q/HJoT6hXuDMJxek.YEo.lkO2T6"

@@ -8,9 +8,9 @@ import signal
 import sys
 import threading
 
-from bridge.sim_cws import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, FakeCws
-from bridge.sim_g2a import G2A_API_KEY, G2A_API_SECRET, FakeG2a
-from bridge.sim_http import serve, shut
+from .cws import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, FakeCws
+from .g2a import G2A_API_KEY, G2A_API_SECRET, FakeG2a
+from .server import serve, shut
 
 __all__ = ["CWS_CLIENT_ID", "CWS_CLIENT_SECRET", "CWS_CLIENT_SIGNATURE", "G2A_API_KEY", "G2A_API_SECRET",
            "DEMO_PRODUCTS", "FakeCws", "FakeG2a", "Simulator", "main"]

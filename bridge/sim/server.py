@@ -15,7 +15,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-log = logging.getLogger("bridge.simulator")
+log = logging.getLogger("bridge.sim")
 CONTROL_PREFIX = "/_sim/"
 GARBAGE = b'{"items": [{"productId": '
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from bridge.sim_http import BadRequest, FakeApi, HttpError, Reply, Route
+from .server import BadRequest, FakeApi, HttpError, Reply, Route
 
 G2A_API_KEY = "sim-g2a-client"
 G2A_API_SECRET = "sim-g2a-secret"
