@@ -33,6 +33,7 @@ class Settings:
     our_client_id: str = ""
     our_client_secret: str = secret()
     extra_clients: tuple = secret(())
+    metrics_clients: tuple = secret(())
     cws_client_id: str = ""
     cws_client_secret: str = secret()
     cws_client_signature: str = secret()
@@ -47,6 +48,11 @@ class Settings:
     g2a_retry_max: int = 2
     cws_retry_max: int = 2
     g2a_requests_per_minute: int = 600
+    cws_list_per_10_min: int = 400
+    cws_product_per_5_min: int = 600
+    cws_token_per_5_min: int = 50
+    upstream_budget_share: float = 0.9
+    cws_resend_grace: float = 150.0
     g2a_create_offers: bool = False
     price_changes_per_hour: int = 5
     host: str = "127.0.0.1"
@@ -73,7 +79,7 @@ class Settings:
         """Every configured secret value, for the log masker."""
         values = [self.our_client_secret, self.cws_client_secret, self.cws_client_signature,
                   self.g2a_api_secret, self.bridge_secret_key, self.alert_webhook_url]
-        values += [pair_secret for _, pair_secret in self.extra_clients]
+        values += [pair_secret for _, pair_secret in self.extra_clients + self.metrics_clients]
         return [v for v in values if v]
 
     def api_clients(self):
@@ -126,15 +132,17 @@ class _Reader:
             self.problem(name, "is required but not set")
         return value
 
-    def number(self, name, default, kind, minimum=None, below=None):
+    def number(self, name, default, kind, minimum=None, below=None, maximum=None):
         text = self.raw(name, str(default))
         try:
             value = kind(text)
         except (ValueError, InvalidOperation):
             self.problem(name, f"must be a number, got {text!r}")
             return kind(default)
-        if (minimum is not None and value < minimum) or (below is not None and value >= below):
-            bounds = f">= {minimum}" if below is None else f"in [{minimum}, {below})"
+        if ((minimum is not None and value < minimum) or (below is not None and value >= below)
+                or (maximum is not None and value > maximum)):
+            bounds = (f"in [{minimum}, {below})" if below is not None else f"in [{minimum}, {maximum}]"
+                      if maximum is not None else f">= {minimum}")
             self.problem(name, f"must be {bounds}, got {text}")
             return kind(default)
         return value
@@ -180,6 +188,7 @@ class _Reader:
             our_client_id=self.required("OUR_API_CLIENT_ID", require_credentials),
             our_client_secret=self.required("OUR_API_CLIENT_SECRET", require_credentials),
             extra_clients=self.client_pairs("OUR_API_EXTRA_CLIENTS"),
+            metrics_clients=self.client_pairs("METRICS_CLIENTS"),
             cws_client_id=self.required("CWS_CLIENT_ID", require_credentials),
             cws_client_secret=self.required("CWS_CLIENT_SECRET", require_credentials),
             cws_client_signature=self.raw("CWS_CLIENT_SIGNATURE"),
@@ -194,6 +203,11 @@ class _Reader:
             g2a_retry_max=self.number("G2A_RETRY_MAX", 2, int, minimum=0),
             cws_retry_max=self.number("CWS_RETRY_MAX", 2, int, minimum=0),
             g2a_requests_per_minute=self.number("G2A_REQUESTS_PER_MINUTE", 600, int, minimum=1),
+            cws_list_per_10_min=self.number("CWS_LIST_REQUESTS_PER_10_MIN", 400, int, minimum=1),
+            cws_product_per_5_min=self.number("CWS_PRODUCT_REQUESTS_PER_5_MIN", 600, int, minimum=1),
+            cws_token_per_5_min=self.number("CWS_TOKEN_REQUESTS_PER_5_MIN", 50, int, minimum=1),
+            upstream_budget_share=self.number("UPSTREAM_BUDGET_SHARE", 0.9, float, minimum=0.01, maximum=1),
+            cws_resend_grace=self.number("CWS_RESEND_GRACE_SECONDS", 150, float, minimum=0),
             g2a_create_offers=self.boolean("G2A_CREATE_OFFERS", False),
             price_changes_per_hour=self.number("PRICE_CHANGES_PER_HOUR", 5, int, minimum=1),
             host=self.raw("HOST", "127.0.0.1"),

@@ -18,6 +18,7 @@ DOCUMENTED = {
     "OUR_API_CLIENT_ID": ("id-2", "our_client_id", "id-2"),
     "OUR_API_CLIENT_SECRET": ("secret-2-abcdef", "our_client_secret", "secret-2-abcdef"),
     "OUR_API_EXTRA_CLIENTS": ("a:one-secret,b:two-secret", "extra_clients", (("a", "one-secret"), ("b", "two-secret"))),
+    "METRICS_CLIENTS": ("prom:scrape-secret", "metrics_clients", (("prom", "scrape-secret"),)),
     "CWS_CLIENT_ID": ("cws-2", "cws_client_id", "cws-2"),
     "CWS_CLIENT_SECRET": ("$2a$10$cws", "cws_client_secret", "$2a$10$cws"),
     "CWS_CLIENT_SIGNATURE": ("signature-2", "cws_client_signature", "signature-2"),
@@ -49,14 +50,18 @@ DOCUMENTED = {
                           "https://hooks.slack.com/services/T0/B0/xyz"),
     "LOG_LEVEL": ("debug", "log_level", "DEBUG"),
     "LOG_FORMAT": ("json", "log_format", "json"),
-}
-EXTRAS = {
     "CWS_ALLOW_PREORDER": ("true", "cws_allow_preorder", True),
     "STOCK_MAX_AGE_SECONDS": ("0.5", "stock_max_age", 0.5),
     "G2A_REQUESTS_PER_MINUTE": ("120", "g2a_requests_per_minute", 120),
+    "CWS_LIST_REQUESTS_PER_10_MIN": ("200", "cws_list_per_10_min", 200),
+    "CWS_PRODUCT_REQUESTS_PER_5_MIN": ("300", "cws_product_per_5_min", 300),
+    "CWS_TOKEN_REQUESTS_PER_5_MIN": ("25", "cws_token_per_5_min", 25),
+    "UPSTREAM_BUDGET_SHARE": ("0.5", "upstream_budget_share", 0.5),
+    "CWS_RESEND_GRACE_SECONDS": ("90", "cws_resend_grace", 90.0),
     "G2A_CREATE_OFFERS": ("yes", "g2a_create_offers", True),
     "PRICE_CHANGES_PER_HOUR": ("3", "price_changes_per_hour", 3),
 }
+EXTRAS = {}  # variables the bridge reads beyond OPERATOR.md's table (none today)
 
 
 @pytest.fixture
