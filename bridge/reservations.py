@@ -47,7 +47,9 @@ class Reservations:
             if not db.Reservation.update(expires_at=self._expiry(now)).where(
                     db.Reservation.id == reservation_id, db.Reservation.state == ACTIVE).execute():
                 raise ContractError(400, "BR02", f"reservation {reservation_id} is no longer active")
-            self._deactivate_lines(reservation_id)
+            # Replaced, not deactivated: an empty-body renewal re-reads "the lines" and must find only today's,
+            # or each empty PUT added every line the reservation ever had (issue 12, item 1).
+            db.ReservationLine.delete().where(db.ReservationLine.reservation == reservation_id).execute()
             stock = self._take(lines, products, now)
             self._insert_lines(reservation_id, lines, products, now)
         event(log, "reservation.renewed", reservation=reservation_id)
