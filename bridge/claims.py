@@ -70,16 +70,21 @@ def _conflict(message):
     return ContractError(409, "BR02", message)
 
 
+def sale_price(line):
+    """What the buyer paid per unit: G2A's unit_price, else the offer price we published when they reserved."""
+    return line.unit_price if line.unit_price is not None else line.offer_price
+
+
 def _sale_total(lines):
-    if any(line.unit_price is None for line in lines):
+    if any(sale_price(line) is None for line in lines):
         return None
-    return sum((line.unit_price * line.quantity for line in lines), start=0)
+    return sum((sale_price(line) * line.quantity for line in lines), start=0)
 
 
 def _create_items(order, lines):
     """One item per key unit, its id assigned now and kept forever (G2A returns and fetches files by it)."""
     rows = [{"id": str(uuid.uuid4()), "order": order.id, "position": position, "g2a_product_id": line.g2a_product_id,
-             "cws_product_id": line.cws_product_id, "sale_price": line.unit_price}
+             "cws_product_id": line.cws_product_id, "sale_price": sale_price(line)}
             for position, line in enumerate(unit for line in lines for unit in [line] * line.quantity)]
     db.OrderItem.insert_many(rows).execute()
     return list(db.OrderItem.select().where(db.OrderItem.order == order.id).order_by(db.OrderItem.position))

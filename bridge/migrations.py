@@ -22,8 +22,28 @@ def _initial(database):
     database.create_tables(models.MODELS, safe=True)
 
 
+def _add_columns(database, model, *names):
+    """Add model fields as columns; a database made by step 1 after the fields existed already has them."""
+    table = model._meta.table_name
+    present = {column.name for column in database.get_columns(table)}
+    for name in names:
+        field = model._meta.fields[name]
+        if field.column_name not in present:
+            database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{field.column_name}" {_column_type(database, field)}')
+    model._schema.create_indexes(safe=True)
+
+
+def _column_type(database, field):
+    return database.get_context_options()["field_types"].get(field.field_type, field.field_type)
+
+
+def _money_path(database):
+    _add_columns(database, models.ReservationLine, "offer_price")
+    _add_columns(database, models.OrderItem, "preorder_code_id")
+
+
 # Append only: a shipped step never changes; new columns or tables get a new numbered step.
-STEPS = [(1, "initial tables", _initial)]
+STEPS = [(1, "initial tables", _initial), (20, "money path: published price, pre-order code ids", _money_path)]
 
 
 def migrate(database):

@@ -136,7 +136,8 @@ class Reservations:
         moment, money = db.ReservationLine.expires_at.db_value, db.MoneyField().db_value
         expires = moment(self._expiry(now))
         rows = [(reservation_id, line.product_id, products[line.product_id].cws_product_id, line.quantity,
-                 money(line.unit_price), True, expires) for line in lines]
+                 money(line.unit_price), money(products[line.product_id].offer_price), True, expires)
+                for line in lines]
         db.database.obj.cursor().executemany(_sql(INSERT_LINE_SQL), rows)
 
     @staticmethod
@@ -152,15 +153,15 @@ class Reservations:
         return now + timedelta(seconds=self.settings.reservation_ttl)
 
 
-SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at")
+SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at offer_price")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
-SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.fetched_at "
+SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.fetched_at, p.offer_price "
                 "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({})")
 INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expires_at, request_id) "
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
 INSERT_LINE_SQL = ("INSERT INTO reservation_line (reservation_id, g2a_product_id, cws_product_id, quantity, "
-                   "unit_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})")
+                   "unit_price, offer_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
 
 
 def _sql(template):
@@ -180,7 +181,7 @@ def _sellable(g2a_ids):
     rows = database.execute_sql(sql, list(g2a_ids)).fetchall()
     money, moment = db.MoneyField().python_value, db.CwsProduct.fetched_at.python_value
     return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
-                                    moment(row[6])) for row in rows}
+                                    moment(row[6]), money(row[7])) for row in rows}
 
 
 def expire_reservations(now):

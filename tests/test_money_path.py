@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 import time
+from decimal import Decimal
 
 import pytest
 
+from bridge import db, migrations
 from conftest import ROOT, SKYLINES, SWITCH
 from test_orders_e2e import assert_error, eventually, inventory, keys_in
 
@@ -51,3 +53,34 @@ def test_an_empty_body_renewal_after_a_resize_keeps_the_new_size(start_bridge, s
     answer = order(g2a, reservation_id)
     assert answer.status_code == 200 and len(keys_in(answer.json()["stock"])) == 2
     assert [len(o["products"][0]["codes"]) for o in sim.cws.orders] == [2]
+
+
+# --- 7. the loss alert has a sale price even when G2A sends none -----------------------------------
+
+def test_a_purchase_above_break_even_alerts_a_loss_against_the_published_price_when_g2a_sends_none(
+        shop, sim, fresh_db):
+    published = Decimal("6.50")  # (5.02 + 0.50) / (1 - 0.15), rounded up
+    eventually(lambda: fresh_db.Product.get_by_id(SKYLINES).offer_price == published, timeout=20)
+    reservation_id = shop.g2a.reserve((SKYLINES, 1)).json()["reservation_id"]  # no additional_data.unit_price
+    sim.cws.set_prices(SKYLINES_CWS, [(1, None, "6.00")])  # break-even is now 7.06, above what the buyer paid
+    assert order(shop.g2a, reservation_id).status_code == 200
+    (item,) = fresh_db.OrderItem.select()
+    assert item.sale_price == published
+    (alert,) = eventually(lambda: list(fresh_db.Alert.select().where(fresh_db.Alert.kind == "loss")))
+    assert f"sold at {published}" in alert.text and "break-even after G2A's fee is 7.06" in alert.text
+
+
+def test_step_20_adds_the_new_columns_to_a_database_made_before_them(tmp_path):
+    database = db.connect(f"sqlite:///{tmp_path}/old.db")
+    with db.write_transaction(database):
+        database.create_tables(db.MODELS)
+        database.execute_sql("DROP INDEX order_item_preorder_code_id")
+        for table, column in (("reservation_line", "offer_price"), ("order_item", "preorder_code_id")):
+            database.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        database.create_tables([migrations.SchemaStep])
+        migrations.SchemaStep.create(number=1, name="initial tables")
+    migrations.migrate(database)
+    assert "offer_price" in {c.name for c in database.get_columns("reservation_line")}
+    assert "order_item_preorder_code_id" in {i.name for i in database.get_indexes("order_item")}
+    migrations.migrate(database)  # applied once
+    database.close()
