@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 
-from . import claims, db, orders
+from . import claims, db, keys, orders
 from .alerts import raise_alert
 from .claims import later
 from .cws import BALANCE_TOO_LOW, DELISTED
@@ -256,8 +256,14 @@ class Fulfilment:
             event(log, "order.completed", order=order.id, cws_order=order.cws_order_id or "-")
 
     def _fail(self, order, reason, now):
-        if claims.move(order.id, db.FAILED, now, failure=reason, next_check_at=None):
-            event(log, "order.failed", level=logging.ERROR, order=order.id, reason=reason)
+        with db.write_transaction():
+            failed = claims.move(order.id, db.FAILED, now, failure=reason, next_check_at=None)
+            # Nothing bought from CWS: the returned keys it took go back to the pool at once, so they keep
+            # counting in stock and the next order uses them (G2A may refund this buyer). With a CWS order they
+            # stay: a retry that polls it delivers them with its codes.
+            released = failed and not order.cws_order_id and self.keys.release_pool_keys(order.id)
+        if failed:
+            event(log, "order.failed", level=logging.ERROR, order=order.id, reason=reason, pooled_released=released)
             raise_alert("order_failed", order.id, f"order {order.id} (G2A order {order.g2a_order_id}) failed: "
                                                   f"{reason}. Fix the cause, then run: g2a-bridge retry {order.id}", now)
 
@@ -294,12 +300,23 @@ class Fulfilment:
         self._adopt_or_place(order, found, now)
 
     def _retry_purchase(self, order, now):
+        if self._fill_from_pool(order, now):
+            return
         found = self._lookup(order)
         claims.move(order.id, db.CLAIMED, now, failure=None, next_check_at=later(now, self.recovery_grace))
         if found is None:
             raise BridgeError(f"order {order.id}: CWS order history is unreachable; the worker will look again "
                               "and buy only if CWS has no order for it")
         self._adopt_or_place(order, found, now)
+
+    def _fill_from_pool(self, order, now):
+        """Retry: returned keys of the order's products cover its waiting items first; True when they cover all."""
+        with db.write_transaction():
+            waiting = [item for item in orders.items_of(order) if item.state == keys.PENDING]
+            if KeyStore.fill_from_pool(waiting, now) < len(waiting):
+                return False
+            self._complete(order, now)
+        return True
 
     def _adopt_or_place(self, order, found, now):
         if found:

@@ -104,6 +104,19 @@ class KeyStore:
         return used
 
     @staticmethod
+    def release_pool_keys(order_id):
+        """Inside a transaction: an order that will not be delivered gives its pooled keys back (G2A never saw
+        them); its items wait again, to be bought or pooled anew if the order is retried. How many."""
+        items = [item.id for item in db.OrderItem.select(db.OrderItem.id).where(
+            db.OrderItem.order == order_id, db.OrderItem.source == "pool")]
+        if not items:
+            return 0
+        db.PooledKey.update(taken_by=None).where(db.PooledKey.taken_by.in_(items)).execute()
+        db.OrderItem.update(source="cws", state=PENDING, kind=TEXT, secret=None, fingerprint=None, file_name=None,
+                            mime_type=None, delivered_at=None).where(db.OrderItem.id.in_(items)).execute()
+        return len(items)
+
+    @staticmethod
     def return_items(order, item_ids, now):
         """G2A refunded these items: mark them returned and pool their keys. Returning twice is harmless."""
         wanted = list(dict.fromkeys(item_ids))

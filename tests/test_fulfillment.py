@@ -436,6 +436,19 @@ def test_an_order_bigger_than_the_pool_buys_only_the_rest(shop, sim):
     assert shop.cws_orders(second["order_id"])[0]["products"][0]["codes"].__len__() == 2
 
 
+def test_a_retried_refused_order_takes_returned_keys_first_and_buys_only_the_rest(shop, sim):
+    _, first = shop.order(SKYLINES, 1)
+    shop.service.return_items(first["order_id"], [keys_of(first)[0]["id"]], db.utcnow())
+    sim.cws.set_fulfilment(SKYLINES_CWS, "balance")
+    _, refused = shop.order(SKYLINES, 2)
+    assert state(refused["order_id"]) == db.FAILED
+    assert db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count() == 1  # given back at once
+    sim.cws.set_fulfilment(SKYLINES_CWS, "instant")
+    assert "completed" in shop.service.retry(refused["order_id"], db.utcnow())
+    assert [len(o["products"][0]["codes"]) for o in shop.cws_orders(refused["order_id"])] == [1]
+    assert db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count() == 0
+
+
 def test_returning_unknown_or_keyless_items_is_refused(shop, sim):
     _, done = shop.order()
     with pytest.raises(ContractError) as unknown:

@@ -84,3 +84,38 @@ def test_step_20_adds_the_new_columns_to_a_database_made_before_them(tmp_path):
     assert "order_item_preorder_code_id" in {i.name for i in database.get_indexes("order_item")}
     migrations.migrate(database)  # applied once
     database.close()
+
+
+# --- 6. a failed order gives back the returned keys it took from the pool --------------------------
+
+def return_one_key(g2a, sim, g2a_order_id):
+    """Buy one Skylines key and return it: it waits in the pool."""
+    _, answer = reserve_and_order(g2a, SKYLINES, 1, g2a_order_id)
+    (key,) = keys_in(answer.json()["stock"])
+    assert g2a.call("DELETE", f"/order/{answer.json()['order_id']}/inventory?id[]={key['id']}").status_code == 204
+    return key
+
+
+def reserve_and_order(g2a, product, quantity, g2a_order_id):
+    reservation_id = g2a.reserve((product, quantity)).json()["reservation_id"]
+    return reservation_id, order(g2a, reservation_id, g2a_order_id)
+
+
+def stock_seen(g2a, product):
+    reservation = g2a.reserve((product, 1)).json()
+    g2a.call("DELETE", f"/reservation/{reservation['reservation_id']}")
+    return reservation["stock"][0]["inventory_size"] + 1
+
+
+def test_an_order_cws_refuses_gives_its_pooled_key_back_and_the_next_order_uses_it(shop, sim, fresh_db):
+    key = return_one_key(shop.g2a, sim, 1001)
+    before = stock_seen(shop.g2a, SKYLINES)
+    sim.cws.set_fulfilment(SKYLINES_CWS, "balance")
+    _, refused = reserve_and_order(shop.g2a, SKYLINES, 2, 1002)
+    assert refused.status_code == 202 and fresh_db.Order.get(fresh_db.Order.g2a_order_id == 1002).state == "failed"
+    assert stock_seen(shop.g2a, SKYLINES) == before
+    sim.cws.set_fulfilment(SKYLINES_CWS, "instant")
+    purchases = len(sim.cws.orders)
+    _, answer = reserve_and_order(shop.g2a, SKYLINES, 1, 1003)
+    assert [k["value"] for k in keys_in(answer.json()["stock"])] == [key["value"]]
+    assert len(sim.cws.orders) == purchases
