@@ -19,6 +19,7 @@ from .errors import BridgeError, OutcomeUnknown, UpstreamError
 from .keys import KeyStore
 from .log import REQUEST_ID, event
 from .pricing import break_even_price
+from .stock import BALANCE_KEY, known_balance
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ RECOVERY_GRACE = 60.0
 MAX_POST_TIMEOUTS = 6
 RECOVERY_RECHECK = 10.0  # history look-ups of one unresolved claim, at most this often
 BATCH = 50  # orders per poll_due / recover call, so one call never runs for long
-BALANCE_SETTING = "cws.balance"
+BALANCE_SETTING = BALANCE_KEY
+BALANCE_CHECK, BALANCE_LOW_CHECK = 300.0, 30.0  # seconds between balance readings: normally, and while low
 
 
 class Fulfilment:
@@ -100,6 +102,15 @@ class Fulfilment:
         for order in stale:
             self._guarded(self._recover_one, order, now)
         return len(stale)
+
+    def balance_due(self, now):
+        """Worker job: read the balance every BALANCE_CHECK s, or every BALANCE_LOW_CHECK s while it is low (so
+        selling resumes soon after a top-up); the new balance, or None when no reading was due."""
+        row, balance = db.Setting.get_or_none(db.Setting.key == BALANCE_SETTING), known_balance()
+        wait = BALANCE_LOW_CHECK if balance is None or balance < self.settings.cws_low_balance else BALANCE_CHECK
+        if row is not None and (now - row.updated_at).total_seconds() < wait:
+            return None
+        return self.check_balance(now)
 
     def check_balance(self, now):
         """Read the CWS balance, keep it in Setting "cws.balance" (updated_at = when), alert when low."""
@@ -168,6 +179,11 @@ class Fulfilment:
             event(log, "order.place_deferred", level=logging.WARNING, order=order.id, error=str(err))
             return
         if err.code == BALANCE_TOO_LOW:
+            # Known now to be too low, whatever the last reading said: reservations and sync stop offering keys
+            # until a reading (queued now, then every BALANCE_LOW_CHECK s by the worker) shows the top-up.
+            with db.write_transaction():
+                db.put_setting(BALANCE_SETTING, 0)
+            self._balance_soon(now)
             raise_alert("low_balance", "cws", f"CWS balance too low to buy order {order.id}: top up, then run "
                                               f"g2a-bridge retry {order.id}", now)
         if err.code == DELISTED:  # the next stock refresh re-lists any product of the order CWS still sells

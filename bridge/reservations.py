@@ -8,7 +8,7 @@ from . import db, pricing
 from .contract import Line, stock_entry
 from .errors import ContractError
 from .log import event
-from .stock import available_stock
+from .stock import available_stock, known_balance
 
 log = logging.getLogger(__name__)
 ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
@@ -105,13 +105,16 @@ class Reservations:
         """Inside the write transaction: check every line fits, or raise with what is available."""
         cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
         db.lock_rows(db.CwsProduct, cws_ids)
-        available = available_stock(cws_ids, now)
+        balance = known_balance()
+        available = _payable(available_stock(cws_ids, now), products, balance)
         demand = defaultdict(int)
         for line in lines:
             demand[products[line.product_id].cws_product_id] += line.quantity
         disabled = any(not products[line.product_id].enabled for line in lines)
         if disabled or any(wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
             raise self._short(lines, available, products, "out_of_stock", "not enough stock")
+        if not _balance_covers(demand, products, balance):
+            raise self._short(lines, available, products, "out_of_stock", "the CWS balance cannot pay for it")
         left = {cws_id: available.get(cws_id, 0) - wanted for cws_id, wanted in demand.items()}
         return self._stock(lines, left, products)
 
@@ -182,6 +185,28 @@ def _sellable(g2a_ids):
     money, moment = db.MoneyField().python_value, db.CwsProduct.fetched_at.python_value
     return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
                                     moment(row[6]), money(row[7])) for row in rows}
+
+
+def _costs(products):
+    return {product.cws_product_id: product.cost for product in products.values()}
+
+
+def _payable(available, products, balance):
+    """Stock we can pay for: none without a CWS price for one key (no band covers 1: no cost, no loss guard),
+    and no more than the known CWS balance buys (after CWS refused a purchase for balance, or when the balance
+    is below one key, G2A sees 0 rather than keys every sale of which would fail)."""
+    costs = _costs(products)
+    capped = {}
+    for cws_id, count in available.items():
+        affordable = 0 if costs.get(cws_id) is None else pricing.units_affordable(balance, costs[cws_id])
+        capped[cws_id] = count if affordable is None else min(count, affordable)
+    return capped
+
+
+def _balance_covers(demand, products, balance):
+    """Every line together within the balance (each was checked alone by _payable; costs are known there)."""
+    costs = _costs(products)
+    return balance is None or sum(costs[cws_id] * wanted for cws_id, wanted in demand.items()) <= balance
 
 
 def expire_reservations(now):

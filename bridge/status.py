@@ -9,10 +9,10 @@ from decimal import Decimal, InvalidOperation
 from peewee import fn
 
 from . import db, lease, pause
+from .stock import BALANCE_KEY
 
 SYNC_KEY = "sync.last_pass"
 SYNC_SUCCESS_KEY = "sync.last_success"
-BALANCE_KEY = "cws.balance"
 SYNC_STATES = ("in_sync", "pending", "failed")
 NOTIFICATION_WINDOW = timedelta(hours=24)
 

@@ -2,10 +2,15 @@
 
 available = CWS quantity (0 once delisted) + returned keys in the pool − live reservations
             − claimed order items not bought yet; never below 0.
+Reservations and sync also cap it by what the known CWS balance can pay for (pricing.units_affordable).
 """
+from decimal import Decimal, InvalidOperation
+
 from peewee import Case, fn
 
 from . import db
+
+BALANCE_KEY = "cws.balance"  # the CWS spending power at its last reading (0 after CWS refused a purchase for it)
 
 CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole table instead
 SMALL = 2000
@@ -19,6 +24,15 @@ FEW_SQL = """SELECT c.id, CASE WHEN c.listed THEN c.quantity ELSE 0 END
   - (SELECT COUNT(*) FROM order_item i JOIN "order" o ON o.id = i.order_id
      WHERE i.cws_product_id = c.id AND o.state = {p} AND i.source = {p})
 FROM cws_product c WHERE c.id IN ({ids})"""
+
+
+def known_balance():
+    """The CWS balance as last read (None when never read): keys it cannot pay for are not offered."""
+    value = db.get_setting(BALANCE_KEY)
+    try:
+        return None if value is None else Decimal(value)
+    except InvalidOperation:
+        return None
 
 
 def available_stock(cws_product_ids, now):

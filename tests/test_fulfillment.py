@@ -323,6 +323,26 @@ def test_a_failed_order_gives_its_stock_back(shop, sim):
     assert body["stock"][0]["inventory_size"] == 8
 
 
+def test_a_low_balance_is_read_every_30_s_so_selling_resumes_soon_after_a_top_up(shop, sim):
+    sim.cws.balance = Decimal("0.00")
+    assert shop.service.balance_due(db.utcnow()) == 0  # never read: read now
+    sim.cws.balance = Decimal("1000.00")
+    assert shop.service.balance_due(later(10)) is None
+    assert shop.service.balance_due(later(31)) == Decimal("1000.00")
+    assert shop.service.balance_due(later(60)) is None  # no longer low: every 5 min
+    assert shop.service.balance_due(later(301)) == Decimal("1000.00")
+
+
+def test_a_purchase_refused_for_balance_marks_the_balance_spent_until_it_is_read_again(shop, sim):
+    shop.service.check_balance(db.utcnow())
+    sim.cws.set_fulfilment(SWITCH_CWS, "balance")
+    shop.service._background = lambda work, *args: None  # the re-read it queues has not run yet
+    shop.order()
+    with pytest.raises(ContractError) as refused:
+        shop.reserve(SKYLINES, 1)
+    assert refused.value.extra["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
+
+
 # --- retry ---------------------------------------------------------------------------------------
 
 def test_retry_of_a_refused_purchase_buys_once_after_the_cause_is_fixed(shop, sim):

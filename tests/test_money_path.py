@@ -119,3 +119,18 @@ def test_an_order_cws_refuses_gives_its_pooled_key_back_and_the_next_order_uses_
     _, answer = reserve_and_order(shop.g2a, SKYLINES, 1, 1003)
     assert [k["value"] for k in keys_in(answer.json()["stock"])] == [key["value"]]
     assert len(sim.cws.orders) == purchases
+
+
+# --- 5. no sales the CWS balance cannot pay for ----------------------------------------------------
+
+def test_after_cws_refuses_a_purchase_for_balance_nothing_more_is_reserved_and_the_offer_goes_to_stock_0(
+        shop, sim, fresh_db):
+    eventually(lambda: (sim.g2a.offer_for_product(SKYLINES) or {}).get("active"), timeout=20)
+    sim.cws.balance = Decimal("0.00")
+    _, refused = reserve_and_order(shop.g2a, SKYLINES, 1, 2001)
+    assert refused.status_code == 202
+    assert fresh_db.Order.get(fresh_db.Order.g2a_order_id == 2001).state == "failed"
+    answer = shop.g2a.reserve((SKYLINES, 1))
+    assert answer.status_code == 400 and answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
+    offer = eventually(lambda: (o := sim.g2a.offer_for_product(SKYLINES)) and not o["active"] and o, timeout=20)
+    assert offer["inventory"]["size"] == 0
