@@ -134,3 +134,15 @@ def test_after_cws_refuses_a_purchase_for_balance_nothing_more_is_reserved_and_t
     assert answer.status_code == 400 and answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
     offer = eventually(lambda: (o := sim.g2a.offer_for_product(SKYLINES)) and not o["active"] and o, timeout=20)
     assert offer["inventory"]["size"] == 0
+
+
+# --- 4. CWS_TARGET_CURRENCY is not a label: anything but EUR is refused -----------------------------
+
+@pytest.mark.parametrize("command", ["web", "worker", "sync"])
+def test_a_currency_other_than_eur_stops_every_command_before_it_prices_anything(bridge_env, sim, command):
+    env = {"PATH": "/usr/bin:/bin", **bridge_env, "CWS_TARGET_CURRENCY": "GBP"}
+    done = subprocess.run([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "CWS_TARGET_CURRENCY: only EUR is supported, got 'GBP'" in done.stderr
+    assert sim.g2a.patches == [] and sim.cws.requests["GET /v3/products"] == 0
