@@ -27,11 +27,10 @@ G2A_BUDGET = 7.0  # G2A gives POST /order 9 s; the rest is for the claim, render
 INLINE_STEPS = (0.5, 1.0, 1.0, 1.0, 1.5, 1.5)  # re-GETs of the CWS order while G2A waits
 MIN_POLL, MAX_POLL, PREORDER_POLL = 1.0, 10.0, 300.0  # seconds between worker checks of one order
 CLAIM_MIN_AGE = 5.0  # a younger claim is probably still being placed by the web process
-# Re-sending a purchase CWS shows no trace of waits this long after the last send: the earlier POST
-# must be over, and CWS's history gets time to show an order it did take. cws.md 3.5 suggests ~2 min;
-# 60 s keeps buyers waiting less. Never below MAX_POST_TIMEOUTS x CWS_TIMEOUT_MS: a POST is at most
-# connect + read timeouts, twice (one resend after a 401), plus the token fetch in between.
-RECOVERY_GRACE = 60.0
+# Re-sending a purchase CWS shows no trace of waits CWS_RESEND_GRACE_SECONDS after the last POST went out
+# (placed_at moves before each attempt, the re-send after a 401 too): the earlier POST must be over, and
+# CWS's history gets time to show an order it did take (cws.md 3.5 suggests ~2 min). Never below
+# MAX_POST_TIMEOUTS x CWS_TIMEOUT_MS, with room for a POST that outlasts its connect + read timeouts.
 MAX_POST_TIMEOUTS = 6
 RECOVERY_RECHECK = 10.0  # history look-ups of one unresolved claim, at most this often
 BATCH = 50  # orders per poll_due / recover call, so one call never runs for long
@@ -43,12 +42,11 @@ class Fulfilment:
     """One per process. The web calls create_order/inventory/...; the worker poll_due (every ~0.5 s),
     recover (at start, then every ~30 s) and check_balance (every ~5 min); the CLI retry/describe/list_orders."""
 
-    def __init__(self, settings, cws, key_box, sleep=time.sleep, clock=time.monotonic, background=None,
-                 recovery_grace=RECOVERY_GRACE):
+    def __init__(self, settings, cws, key_box, sleep=time.sleep, clock=time.monotonic, background=None):
         self.settings, self.cws, self.sleep, self.clock = settings, cws, sleep, clock
         self.keys = KeyStore(key_box)
         self.inline_budget = min(settings.order_inline_wait, G2A_BUDGET)
-        self.recovery_grace = max(recovery_grace, MAX_POST_TIMEOUTS * settings.cws_timeout)
+        self.recovery_grace = resend_grace(settings)
         self._purchases = ThreadPoolExecutor(max(2, settings.web_threads), thread_name_prefix="purchase")
         self._background = background or ThreadPoolExecutor(1, thread_name_prefix="cws-balance").submit
         self._balance_lock = threading.Lock()
@@ -157,14 +155,16 @@ class Fulfilment:
 
     def _place(self, order, now, name="order.placed", **fields):
         """Send the purchase, unless another thread or process has sent it (or resolved the claim) since
-        `order` was read: a send is taken by moving placed_at, and only one mover wins."""
-        if not claims.begin_send(order.id, order.placed_at, now, later(now, self.inline_budget + CLAIM_MIN_AGE)):
-            event(log, "order.send_skipped", level=logging.DEBUG, order=order.id)
-            return
+        `order` was read: each POST attempt is taken by moving placed_at just before it goes out (after any
+        token fetch), and only one mover wins."""
         sent = self.clock()
+        turn = _SendTurn(order, lambda: later(now, self.clock() - sent), self.inline_budget + CLAIM_MIN_AGE)
         try:
             placed = self.cws.place_order(order.cws_client_order_id, claims.cws_lines(order.id),
-                                          self.settings.cws_allow_preorder)
+                                          self.settings.cws_allow_preorder, before_send=turn.take)
+        except _NotOurTurn:
+            event(log, "order.send_skipped", level=logging.DEBUG, order=order.id)
+            return
         except OutcomeUnknown as err:
             event(log, "order.outcome_unknown", level=logging.WARNING, order=order.id, error=str(err))
             return
@@ -389,6 +389,28 @@ class Fulfilment:
         where = f"CWS order {order.cws_order_id}" if order.cws_order_id else "no CWS order yet"
         why = f" ({order.failure})" if order.failure else ""
         return f"order {order.id}: {order.state}{why}; {where}"
+
+
+def resend_grace(settings):
+    """Seconds after the last POST of a purchase before it may be sent again (CWS showing no trace of it)."""
+    return max(settings.cws_resend_grace, MAX_POST_TIMEOUTS * settings.cws_timeout)
+
+
+class _NotOurTurn(Exception):
+    """Another sender moved placed_at first: this POST must not go out."""
+
+
+class _SendTurn:
+    """Takes the turn for each POST attempt of one purchase by moving placed_at from the value last seen."""
+
+    def __init__(self, order, moment, check_in):
+        self.order_id, self.expected, self.moment, self.check_in = order.id, order.placed_at, moment, check_in
+
+    def take(self):
+        at = self.moment()
+        if not claims.begin_send(self.order_id, self.expected, at, later(at, self.check_in)):
+            raise _NotOurTurn()
+        self.expected = at
 
 
 @contextlib.contextmanager

@@ -103,7 +103,9 @@ class Upstream:
         self.session.headers.update({"User-Agent": user_agent, "Accept": "application/json"})
 
     def request(self, method, path, *, params=None, json_body=None, form=None, idempotent=True, auth=True,
-                endpoint=None):
+                endpoint=None, before_send=None):
+        """`before_send()` runs right before each attempt goes out, after any token fetch (it may raise to stop
+        the call): a purchase records there when it was last sent."""
         endpoint = endpoint or path
         options = {"params": params, "json": json_body, "data": form}
         attempt = retries = 0
@@ -111,6 +113,8 @@ class Upstream:
         while True:
             attempt += 1
             token = self.token.get() if auth and self.token else None
+            if before_send is not None:
+                before_send()
             response = None
             try:
                 response = self._send(method, path, endpoint, token, attempt, idempotent, options)

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from bridge import db, migrations, postbacks
+from bridge import claims, db, migrations, postbacks
 from bridge.contract import Line
 from bridge.crypto import KeyBox
 from bridge.cws import CwsClient, CwsCode
@@ -112,7 +112,7 @@ def test_an_instant_cws_order_answers_200_with_its_key_stored_encrypted(shop, si
 def test_the_purchase_is_sent_without_pre_orders_and_without_a_price_cap(shop, sim):
     captured = []
     original = shop.cws.place_order
-    shop.cws.place_order = lambda *args: captured.append(args) or original(*args)
+    shop.cws.place_order = lambda *args, **options: captured.append(args) or original(*args, **options)
     shop.order(SKYLINES, 3)
     assert captured[0][1:] == ([(SKYLINES_CWS, 3, None)], False)
 
@@ -391,9 +391,9 @@ def test_a_purchase_cws_never_received_is_sent_again_with_the_same_id_only_after
     _, body = shop.order()
     assert state(body["order_id"]) == db.CLAIMED and sim.cws.orders == []
     placed_at = db.Order.get_by_id(body["order_id"]).placed_at
-    shop.service.recover(placed_at + timedelta(seconds=30))
+    shop.service.recover(placed_at + timedelta(seconds=shop.settings.cws_resend_grace - 1))
     assert sim.cws.orders == [] and sim.cws.requests["GET /v3/orders"] == 1
-    shop.service.recover(placed_at + timedelta(seconds=61))
+    shop.service.recover(placed_at + timedelta(seconds=shop.settings.cws_resend_grace + 1))
     assert state(body["order_id"]) == db.COMPLETED
     assert [o["clientOrderId"] for o in sim.cws.orders] == [db.Order.get_by_id(body["order_id"]).cws_client_order_id]
 
@@ -410,7 +410,8 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     sim.cws.fail_next("/v3/orders", 503)
     _, body = shop.order()
     sim.cws.delay = 0.3  # both read the claim and search CWS's history before either sends
-    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(61),)) for _ in range(2)]
+    grace = shop.service.recovery_grace
+    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(grace + 1),)) for _ in range(2)]
     for thread in recoverers:
         thread.start()
     for thread in recoverers:
@@ -419,9 +420,32 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     assert len(sim.cws.orders) == 1 and state(body["order_id"]) == db.COMPLETED
 
 
-def test_the_grace_never_drops_below_the_longest_possible_purchase_call(settings, shop):
-    slow = settings.replace(cws_timeout=30.0)
-    assert Fulfilment(slow, shop.cws, shop.box, recovery_grace=1).recovery_grace == 180.0
+def test_the_grace_is_cws_resend_grace_seconds_and_never_below_the_longest_possible_purchase_call(settings, shop):
+    assert shop.service.recovery_grace == 150.0
+    assert Fulfilment(settings.replace(cws_resend_grace=90.0), shop.cws, shop.box).recovery_grace == 90.0
+    slow = settings.replace(cws_timeout=30.0, cws_resend_grace=1.0)
+    assert Fulfilment(slow, shop.cws, shop.box).recovery_grace == 180.0
+
+
+class Ticking(Clock):
+    """Monotonic time that moves 5 s at every reading."""
+
+    def __call__(self):
+        self.seconds += 5
+        return self.seconds
+
+
+def test_a_purchase_resent_after_a_401_counts_its_grace_from_the_resend(shop, sim):
+    sim.cws.fail_next("/v3/orders", 401, 500)  # the token is refused; the re-send's answer is lost
+    service = Fulfilment(shop.settings, shop.cws, shop.box, sleep=shop.clock.sleep, clock=Ticking(),
+                         background=lambda work, *args: None)
+    now = db.utcnow()
+    claim = claims.claim(shop.reserve(), 555, now)
+    service._place(claim, now)  # the purchase thread's work, on this thread
+    order = db.Order.get_by_id(claim.id)
+    assert order.state == db.CLAIMED and sim.cws.requests["POST /v3/orders"] == 2
+    # clock readings: sent, first POST (+5 s), re-send (+10 s): the grace counts from the re-send
+    assert order.placed_at == now + timedelta(seconds=10)
 
 
 def test_due_claims_are_resolved_by_the_regular_poll_too(shop, sim):

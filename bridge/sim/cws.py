@@ -24,7 +24,7 @@ CWS_CLIENT_SECRET = "$2a$10$E2jVWDADFA5gh6zlRVcrlOOX01Q/HJoT6hXuDMJxek.YEo.lkO2T
 CWS_CLIENT_SIGNATURE = "b4cded07-e13e-4021-8b9f-a3cee994109b"
 
 MODES = frozenset({"instant", "delayed", "image", "preorder", "preorder_legacy", "fail", "balance",
-                   "delisted", "commit_then_500", "commit_then_hang"})
+                   "delisted", "commit_then_500", "commit_then_hang", "short", "late_preorder"})
 # Documented CWS codes (cws.md §5.2), then ours for cases CWS leaves undocumented.
 LOW_BALANCE, PRODUCT_NOT_FOUND, BAD_QUANTITY, CODE_NOT_FOUND = 10002, 20001, 40002, 50002
 BAD_REQUEST, PRICE_CHANGED, OUT_OF_STOCK, ORDER_NOT_FOUND = 40000, 40003, 40004, 30001
@@ -140,6 +140,13 @@ class FakeCws(FakeApi):
     "Completed" (only codeType tells); "fail" stores a Cancelled order without charging; a repeated
     client orderId makes a new order; GET /v3/orders/{clientOrderId} is 404; codes 40000 (bad request),
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
+
+    Modes beyond cws.md §6: "short" completes with `short_by` codes fewer than ordered; "late_preorder" hands out
+    pre-order placeholders although stock was there and allowPreOrder was false, and fills them in place
+    `preorder_seconds` after the order was created. History knobs (cws.md §7.5 leaves paging and lag unknown):
+    history_status (every GET /v3/orders answers it), history_page_size with history_paging "token"
+    (items + continuationToken, as products) or "page" (?page=N from 0, with page and totalPages), and
+    history_lag (an order shows in history only that many seconds after its creation).
     """
 
     def __init__(self):
@@ -148,6 +155,12 @@ class FakeCws(FakeApi):
         self.page_size = 100
         self.balance = Decimal("1000.00")
         self.hang_seconds = 30.0
+        self.short_by = 1
+        self.preorder_seconds = 3.0
+        self.history_status = None
+        self.history_page_size = None
+        self.history_paging = "token"
+        self.history_lag = 0.0
         self.now = lambda: datetime.now(timezone.utc)  # tests may replace this clock
         self._token, self._token_expires = None, None
         self._products = {}
@@ -389,7 +402,9 @@ class FakeCws(FakeApi):
         # Pre-ordered units keep status Completed on the order: only the code type says "no key yet".
         if mode == "delayed":
             return []
-        if mode in ("preorder", "preorder_legacy"):
+        if mode == "short":
+            return [self._new_code(mode) for _ in range(max(0, in_stock - self.short_by))]
+        if mode in ("preorder", "preorder_legacy", "late_preorder"):
             in_stock = 0
         placeholder = "PRE_ORDER" if mode == "preorder_legacy" else "CODE_PREORDER"
         real = [self._new_code(mode) for _ in range(in_stock)]
@@ -427,20 +442,40 @@ class FakeCws(FakeApi):
         order = self._orders_by_id.get(request.params["id"])
         if order is None:
             raise cws_error(404, ORDER_NOT_FOUND, f"Order {request.params['id']} not found")
-        if order.polls_left == 0:
+        if order.polls_left == 0 or self._late_key_due(order):
             self._complete(order)
         elif order.polls_left:
             order.polls_left -= 1
         return self._order_json(order)
 
+    def _late_key_due(self, order):
+        late = any(line.product.mode == "late_preorder" for line in order.lines)
+        return late and self.now() >= order.created_on + timedelta(seconds=self.preorder_seconds)
+
     def _order_history(self, request):
+        if self.history_status:
+            raise cws_error(self.history_status, self.history_status, "Order history is unavailable")
         start = request.query.get("startFrom")
         end = request.query.get("endOn")
         low = parse_bound(start, end=False) if start else None
         high = parse_bound(end, end=True) if end else None
-        chosen = [order for order in self._orders
-                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)]
-        return {"items": [self._order_json(order, with_products=False) for order in chosen]}
+        shown = self.now() - timedelta(seconds=self.history_lag)
+        chosen = [self._order_json(order, with_products=False) for order in self._orders
+                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)
+                  and order.created_on <= shown]
+        return self._history_page(chosen, request.query)
+
+    def _history_page(self, items, query):
+        size = self.history_page_size
+        if not size:
+            return {"items": items}
+        if self.history_paging == "page":
+            page = int(query.get("page") or 0)
+            return {"items": items[page * size:(page + 1) * size], "page": page,
+                    "totalPages": max(1, math.ceil(len(items) / size))}
+        start = self._page_start(query.get("continuationToken"))
+        more = start + size < len(items)
+        return {"items": items[start:start + size], "continuationToken": self._page_token(start + size) if more else None}
 
     def _order_json(self, order, with_products=True):
         rendered = {"orderId": order.order_id, "clientOrderId": order.client_order_id,
