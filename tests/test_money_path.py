@@ -146,3 +146,48 @@ def test_a_currency_other_than_eur_stops_every_command_before_it_prices_anything
     assert done.returncode == 2
     assert "CWS_TARGET_CURRENCY: only EUR is supported, got 'GBP'" in done.stderr
     assert sim.g2a.patches == [] and sim.cws.requests["GET /v3/products"] == 0
+
+
+# --- re-send grace and history: an order CWS took is never bought again ----------------------------
+
+QUICK_GRACE = {"CWS_TIMEOUT_MS": "300", "CWS_RESEND_GRACE_SECONDS": "2"}  # grace max(2, 6 x 0.3) = 2 s
+
+
+def test_a_purchase_cws_never_took_is_sent_again_after_cws_resend_grace_seconds(start_bridge, sim):
+    web = start_bridge("web", **QUICK_GRACE)
+    start_bridge("worker", **QUICK_GRACE)
+    sim.cws.fail_next("/v3/orders", 503)  # CWS answers 5xx and stores nothing: the outcome is unknown to us
+    reservation_id = web.g2a.reserve((SWITCH, 1)).json()["reservation_id"]
+    assert order(web.g2a, reservation_id).status_code == 202
+    keys = eventually(lambda: keys_in(inventory(web.g2a, reservation_id)), timeout=20)
+    assert len(keys) == 1 and [o["clientOrderId"] for o in sim.cws.orders] == ["g2a-80201000000192"]
+
+
+def test_an_order_cws_shows_only_after_a_history_lag_within_the_grace_is_adopted_not_bought_again(
+        start_bridge, sim):
+    env = {"CWS_TIMEOUT_MS": "300", "CWS_RESEND_GRACE_SECONDS": "12", "ORDER_INLINE_WAIT_SECONDS": "1"}
+    web = start_bridge("web", **env)
+    worker = start_bridge("worker", **env)
+    sim.cws.history_lag = 8.0  # the first look-up (6 s after the claim) finds nothing; the next (16 s) does
+    sim.cws.set_fulfilment(SWITCH_CWS, "commit_then_500")
+    reservation_id = web.g2a.reserve((SWITCH, 1)).json()["reservation_id"]
+    assert order(web.g2a, reservation_id).status_code == 202
+    sim.cws.set_fulfilment(SWITCH_CWS, "instant")
+    eventually(lambda: keys_in(inventory(web.g2a, reservation_id)), timeout=30)
+    assert "order.not_at_cws_yet" in worker.logs() and "how=adopted" in worker.logs()
+    assert len(sim.cws.orders_for_client_id("g2a-80201000000192")) == 1
+
+
+def test_an_order_on_page_three_of_cws_history_is_adopted_not_bought_again(start_bridge, sim):
+    web = start_bridge("web", **QUICK_GRACE)
+    start_bridge("worker", **QUICK_GRACE)
+    for g2a_order_id in (3001, 3002):
+        assert reserve_and_order(web.g2a, SWITCH, 1, g2a_order_id)[1].status_code == 200
+    sim.cws.history_page_size = 1
+    sim.cws.set_fulfilment(SWITCH_CWS, "commit_then_500")
+    reservation_id, answer = reserve_and_order(web.g2a, SWITCH, 1, 3003)
+    assert answer.status_code == 202
+    sim.cws.set_fulfilment(SWITCH_CWS, "instant")
+    eventually(lambda: keys_in(inventory(web.g2a, reservation_id)), timeout=20)
+    time.sleep(3)  # past the grace: a re-send would have happened by now
+    assert len(sim.cws.orders_for_client_id("g2a-3003")) == 1
