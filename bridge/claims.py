@@ -15,6 +15,16 @@ from .keys import KeyStore
 from .reservations import ACTIVE, ORDERED
 
 WAITING = (db.FULFILLING, db.PREORDER)  # states that may be re-set to themselves (a new check time)
+# Re-sending a purchase CWS shows no trace of waits CWS_RESEND_GRACE_SECONDS after the last POST went out
+# (placed_at moves before each attempt, the re-send after a 401 too): the earlier POST must be over, and
+# CWS's history gets time to show an order it did take (cws.md 3.5 suggests ~2 min). Never below
+# MAX_POST_TIMEOUTS x CWS_TIMEOUT_MS, with room for a POST that outlasts its connect + read timeouts.
+MAX_POST_TIMEOUTS = 6
+
+
+def resend_grace(settings):
+    """Seconds after the last POST of a purchase before it may be sent again (CWS showing no trace of it)."""
+    return max(settings.cws_resend_grace, MAX_POST_TIMEOUTS * settings.cws_timeout)
 
 
 def client_order_id(g2a_order_id):

@@ -13,7 +13,7 @@ from concurrent.futures import wait as wait_for
 
 from . import claims, db, keys, orders
 from .alerts import raise_alert
-from .claims import later
+from .claims import later, resend_grace
 from .cws import BALANCE_TOO_LOW, DELISTED
 from .errors import BridgeError, OutcomeUnknown, UpstreamError
 from .keys import KeyStore
@@ -27,11 +27,6 @@ G2A_BUDGET = 7.0  # G2A gives POST /order 9 s; the rest is for the claim, render
 INLINE_STEPS = (0.5, 1.0, 1.0, 1.0, 1.5, 1.5)  # re-GETs of the CWS order while G2A waits
 MIN_POLL, MAX_POLL, PREORDER_POLL = 1.0, 10.0, 300.0  # seconds between worker checks of one order
 CLAIM_MIN_AGE = 5.0  # a younger claim is probably still being placed by the web process
-# Re-sending a purchase CWS shows no trace of waits CWS_RESEND_GRACE_SECONDS after the last POST went out
-# (placed_at moves before each attempt, the re-send after a 401 too): the earlier POST must be over, and
-# CWS's history gets time to show an order it did take (cws.md 3.5 suggests ~2 min). Never below
-# MAX_POST_TIMEOUTS x CWS_TIMEOUT_MS, with room for a POST that outlasts its connect + read timeouts.
-MAX_POST_TIMEOUTS = 6
 RECOVERY_RECHECK = 10.0  # history look-ups of one unresolved claim, at most this often
 BATCH = 50  # orders per poll_due / recover call, so one call never runs for long
 BALANCE_SETTING = BALANCE_KEY
@@ -123,20 +118,32 @@ class Fulfilment:
     # ---- CLI ------------------------------------------------------------------------------------
 
     def retry(self, order_id, now):
-        """Re-drive a FAILED order without buying twice; one line saying where it is now."""
+        """Re-drive a FAILED or stuck order without buying twice; one line saying where it is now.
+
+        FAILED: poll its CWS order again, or (none) take pooled keys and look up / send the purchase.
+        CLAIMED: look CWS's history up now (adopt; send again only after the grace). Waiting: check CWS now."""
         order = orders.find_order(order_id)
         if order is None:
             raise BridgeError(f"order {order_id} not found")
-        if order.state != db.FAILED:
-            raise BridgeError(f"order {order.id} is {order.state}, not failed: nothing to retry")
+        if order.state == db.COMPLETED:
+            raise BridgeError(f"order {order.id} is {order.state}, not failed or stuck: nothing to retry")
         with _request_id(order.request_id):
-            event(log, "order.retry", order=order.id, cws_order=order.cws_order_id or "-")
-            if order.cws_order_id:
-                claims.move(order.id, db.FULFILLING, now, placed_at=now, failure=None, next_check_at=now)
-                self._check(db.Order.get_by_id(order.id), now)
-            else:
-                self._retry_purchase(order, now)
+            event(log, "order.retry", order=order.id, state=order.state, cws_order=order.cws_order_id or "-")
+            if order.state == db.FAILED:
+                self._retry_failed(order, now)
+            elif order.state == db.CLAIMED and self._recover_one(order, now) is None:
+                raise BridgeError(f"order {order.id}: CWS order history is unreachable; nothing was sent. Look for "
+                                  f"{order.cws_client_order_id} in the CWS panel; the worker keeps looking")
+            elif order.state != db.CLAIMED:
+                self._check(order, now)
         return self._status_line(db.Order.get_by_id(order.id))
+
+    def _retry_failed(self, order, now):
+        if order.cws_order_id:
+            claims.move(order.id, db.FULFILLING, now, placed_at=now, failure=None, next_check_at=now)
+            self._check(db.Order.get_by_id(order.id), now)
+        else:
+            self._retry_purchase(order, now)
 
     def describe(self, order_id, reveal=False):
         return orders.describe(order_id, self.keys, reveal)
@@ -306,14 +313,18 @@ class Fulfilment:
     # ---- crash recovery -------------------------------------------------------------------------
 
     def _recover_one(self, order, now):
+        """Adopt what CWS's history holds for the claim, or send it again once the grace is over; what history
+        showed (None: unreadable)."""
         found = self._lookup(order)
         age = (now - order.placed_at).total_seconds()
         if found is None or (not found and age < self.recovery_grace):
             if found == []:
                 event(log, "order.not_at_cws_yet", order=order.id, client_order=order.cws_client_order_id,
                       seconds=round(age), grace=self.recovery_grace)
-            return claims.reschedule(order.id, later(now, RECOVERY_RECHECK))
+            claims.reschedule(order.id, later(now, RECOVERY_RECHECK))
+            return found
         self._adopt_or_place(order, found, now)
+        return found
 
     def _retry_purchase(self, order, now):
         if self._fill_from_pool(order, now):
@@ -389,11 +400,6 @@ class Fulfilment:
         where = f"CWS order {order.cws_order_id}" if order.cws_order_id else "no CWS order yet"
         why = f" ({order.failure})" if order.failure else ""
         return f"order {order.id}: {order.state}{why}; {where}"
-
-
-def resend_grace(settings):
-    """Seconds after the last POST of a purchase before it may be sent again (CWS showing no trace of it)."""
-    return max(settings.cws_resend_grace, MAX_POST_TIMEOUTS * settings.cws_timeout)
 
 
 class _NotOurTurn(Exception):

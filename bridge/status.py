@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 
 from peewee import fn
 
-from . import db, lease, pause
+from . import db, lease, pause, stuck
 from .stock import BALANCE_KEY
 
 SYNC_KEY = "sync.last_pass"
@@ -30,6 +30,7 @@ def collect(settings, now):
             db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
         "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
         "worker": _worker(now),
+        "stuck": stuck.summary(settings, now),
     }
     figures["attention"] = attention(figures, settings)
     return figures
@@ -101,9 +102,7 @@ def attention(figures, settings):
     worker = figures["worker"]
     if worker is None or worker["heartbeat_age_seconds"] > lease.TTL.total_seconds():
         lines.append("worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)")
-    if figures["orders"]["failed"]:
-        lines.append(f"{figures['orders']['failed']} FAILED orders: g2a-bridge orders --state failed, "
-                     "then g2a-bridge retry ORDER_ID")
+    lines += stuck.attention(figures["stuck"])
     if figures["offers"]["failed"]:
         lines.append(f"{figures['offers']['failed']} offers failed to sync: g2a-bridge sync --dry-run, "
                      "and journalctl -u g2a-bridge-worker")
@@ -137,6 +136,7 @@ def render(figures):
         ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
         ("worker", _worker_text(figures["worker"])),
+        ("stuck", _stuck_text(figures["stuck"])),
     ]
     lines = [f"{label:<14} {value}" for label, value in rows]
     lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
@@ -153,6 +153,12 @@ def _balance_text(balance):
     if balance is None:
         return "unknown (the worker checks it every 5 min)"
     return f"{balance['amount']} {balance['currency']} (checked {age_text(balance['age_seconds'])} ago)"
+
+
+def _stuck_text(found):
+    """Stuck orders by kind ("none" when nothing is): the `!` lines below say what to do."""
+    parts = [f"{line['count']} {name}" for name, line in found.items() if line["count"]]
+    return ", ".join(parts) or "none"
 
 
 def _worker_text(worker):

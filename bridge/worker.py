@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 import schedule
 
-from . import alerts, db, pause
+from . import alerts, db, pause, stuck
 from .auth import delete_expired_tokens
 from .crypto import load_key_box
 from .cws import CwsClient
@@ -281,6 +281,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
+        Job("orders.stuck", 5.0, lambda now: stuck.alert_new(settings, now)),
         Job("cleanup", 60.0, cleanup, at_start=True),
         Job("cws.balance", 10.0, fulfilment.balance_due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),

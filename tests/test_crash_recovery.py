@@ -12,7 +12,8 @@ from datetime import timedelta
 from bridge import db
 from bridge.crypto import load_key_box
 from bridge.cws import CwsClient
-from bridge.fulfillment import Fulfilment, resend_grace
+from bridge.claims import resend_grace
+from bridge.fulfillment import Fulfilment
 from conftest import SWITCH
 from test_orders_e2e import eventually, inventory, keys_in
 

@@ -369,8 +369,19 @@ def test_retry_refuses_unknown_and_unfailed_orders_with_one_line(shop, sim):
     _, body = shop.order()
     with pytest.raises(BridgeError, match="not found"):
         shop.service.retry("nope", db.utcnow())
-    with pytest.raises(BridgeError, match="is completed, not failed"):
+    with pytest.raises(BridgeError, match="is completed, not failed or stuck"):
         shop.service.retry(body["order_id"], db.utcnow())
+
+
+def test_retry_of_a_claim_whose_history_is_unreadable_says_so_and_sends_nothing(shop, sim):
+    sim.cws.fail_next("/v3/orders", 503)
+    _, body = shop.order()
+    sim.cws.history_status = 500
+    with pytest.raises(BridgeError, match="history is unreachable; nothing was sent"):
+        shop.service.retry(body["order_id"], later(600))
+    sim.cws.history_status = None
+    assert "completed" in shop.service.retry(body["order_id"], later(600))
+    assert len(shop.cws_orders(body["order_id"])) == 1
 
 
 # --- unknown outcomes and crash recovery ---------------------------------------------------------

@@ -1,16 +1,15 @@
 """Issue 12, end to end: the ways the money path lost money, each played against the real web and worker
 processes and the simulator (and what an operator now sees when money is stuck)."""
 import json
-import subprocess
-import sys
 import time
 from decimal import Decimal
 
 import pytest
 
 from bridge import db, migrations
-from conftest import ROOT, SKYLINES, SWITCH
-from test_orders_e2e import assert_error, eventually, inventory, keys_in
+from conftest import SKYLINES, SWITCH
+from test_cli import run_cli
+from test_orders_e2e import eventually, inventory, keys_in
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 
@@ -140,9 +139,7 @@ def test_after_cws_refuses_a_purchase_for_balance_nothing_more_is_reserved_and_t
 
 @pytest.mark.parametrize("command", ["web", "worker", "sync"])
 def test_a_currency_other_than_eur_stops_every_command_before_it_prices_anything(bridge_env, sim, command):
-    env = {"PATH": "/usr/bin:/bin", **bridge_env, "CWS_TARGET_CURRENCY": "GBP"}
-    done = subprocess.run([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = run_cli({**bridge_env, "CWS_TARGET_CURRENCY": "GBP"}, command)
     assert done.returncode == 2
     assert "CWS_TARGET_CURRENCY: only EUR is supported, got 'GBP'" in done.stderr
     assert sim.g2a.patches == [] and sim.cws.requests["GET /v3/products"] == 0
@@ -191,3 +188,38 @@ def test_an_order_on_page_three_of_cws_history_is_adopted_not_bought_again(start
     eventually(lambda: keys_in(inventory(web.g2a, reservation_id)), timeout=20)
     time.sleep(3)  # past the grace: a re-send would have happened by now
     assert len(sim.cws.orders_for_client_id("g2a-3003")) == 1
+
+
+# --- 2. an unresolved claim is stuck money: deadline, alert, status, metrics ------------------------
+
+def stuck_figures(env):
+    done = run_cli(env, "status", "--json")
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_a_claim_cws_took_but_whose_history_is_unreadable_is_alerted_shown_and_resolved_by_retry(
+        start_bridge, bridge_env, sim, fresh_db):
+    env = {**QUICK_GRACE, "ORDER_INLINE_WAIT_SECONDS": "1"}
+    web = start_bridge("web", **env)
+    worker = start_bridge("worker", **env)
+    sim.cws.set_fulfilment(SWITCH_CWS, "commit_then_500")  # CWS stores the purchase and answers 500...
+    sim.cws.history_status = 500  # ...and its history answers 500 too
+    reservation_id = web.g2a.reserve((SWITCH, 1)).json()["reservation_id"]
+    order_id = order(web.g2a, reservation_id).json()["order_id"]
+    (alert,) = eventually(lambda: list(fresh_db.Alert.select().where(fresh_db.Alert.kind == "order_stuck")),
+                          timeout=20)
+    assert f"order {order_id}" in alert.text and f"g2a-bridge retry {order_id}" in alert.text
+    code, figures = stuck_figures({**bridge_env, **env})
+    line = figures["stuck"]["claim_unresolved"]
+    assert code == 1 and (line["count"], line["oldest_order"]) == (1, order_id)
+    assert any(f"g2a-bridge retry {order_id}" in text for text in figures["attention"])
+    assert 'g2a_bridge_orders_stuck{kind="claim_unresolved"} 1.0' in web.g2a.call("GET", "/metrics").text
+    worker.stop()  # the operator's command resolves it here, not the worker's next look-up
+    retried = run_cli({**bridge_env, **env}, "retry", order_id)
+    assert retried.returncode == 1 and "history is unreachable; nothing was sent" in retried.stderr
+    sim.cws.set_fulfilment(SWITCH_CWS, "instant")
+    sim.cws.history_status = None
+    retried = run_cli({**bridge_env, **env}, "retry", order_id)
+    assert retried.returncode == 0 and retried.stdout.startswith(f"order {order_id}: completed"), retried
+    assert len(keys_in(inventory(web.g2a, order_id))) == 1 and len(sim.cws.orders) == 1
+    assert stuck_figures({**bridge_env, **env})[1]["stuck"]["claim_unresolved"]["count"] == 0
