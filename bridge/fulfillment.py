@@ -248,28 +248,38 @@ class Fulfilment:
         self._pending(order, db.PREORDER if outcome == "preorder" else db.FULFILLING, now)
 
     def _ready_codes(self, order, cws_order):
-        """{cws_product_id: codes with their value}, fetching the ones CWS did not send inline (once each)."""
+        """{cws_product_id: every code, in CWS's order}, the ones CWS did not send inline fetched (once each).
+        Only from a completed CWS order: while it is fulfilling its code list may still grow, and bundles are
+        decided from the complete list (G2A sees keys only once all are there anyway)."""
+        if cws_order.status.lower() != "completed":
+            return {}
         stored = {item.cws_code_id for item in db.OrderItem.select(db.OrderItem.cws_code_id).where(
             db.OrderItem.order == order.id, db.OrderItem.cws_code_id.is_null(False))}
-        ready = {}
+        codes = {}
         for product in cws_order.products:
-            codes = [self._fetched(code) if code.needs_fetch else code for code in product.codes
-                     if code.kind != "preorder" and code.code_id not in stored]
-            ready.setdefault(product.product_id, []).extend(code for code in codes if code and code.value)
-        return ready
+            codes.setdefault(product.product_id, []).extend(
+                self._fetched(code) if code.needs_fetch and code.code_id not in stored else code
+                for code in product.codes)
+        return codes
 
     def _fetched(self, code):
+        """The code with its value, or as it was (no value: its unit keeps waiting) when CWS cannot say."""
         try:
             return self.cws.code(code.code_id)
         except UpstreamError as err:
             event(log, "order.code_unavailable", level=logging.WARNING, code=code.code_id, error=str(err))
-            return None
+            return code
 
     def _pending(self, order, state, now):
         age = (now - order.placed_at).total_seconds() if order.placed_at else 0.0
-        if state == db.FULFILLING and age > self.settings.cws_poll_max:
+        overdue = age > self.settings.cws_poll_max
+        if state == db.FULFILLING and overdue:
             return self._fail(order, f"CWS did not deliver within {self.settings.cws_poll_max:g} s", now)
-        wait = PREORDER_POLL if state == db.PREORDER else min(MAX_POLL, max(MIN_POLL, age / 10))
+        # A pre-order we did not ask for (allowPreOrder=false) is polled like a fulfilling order until the poll
+        # deadline: its key may come in seconds. Past it, or when pre-orders are welcome, every 5 min (a PREORDER
+        # postback makes it sooner); it is never failed, since CWS has charged and the key will come.
+        slow = state == db.PREORDER and (self.settings.cws_allow_preorder or overdue)
+        wait = PREORDER_POLL if slow else min(MAX_POLL, max(MIN_POLL, age / 10))
         moved = claims.move(order.id, state, now, next_check_at=later(now, wait), check_count=db.Order.check_count + 1)
         if moved and state == db.PREORDER and order.state != db.PREORDER:
             event(log, "order.preorder", order=order.id, cws_order=order.cws_order_id)

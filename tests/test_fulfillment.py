@@ -250,8 +250,14 @@ def test_a_cancelled_cws_order_fails_with_an_alert_and_inventory_answers_500(sho
     assert failed.value.status == 500 and "retry" in failed.value.message
 
 
+def welcome_preorders(shop):
+    shop.settings = shop.settings.replace(cws_allow_preorder=True)
+    shop.service = shop.fulfilment()
+
+
 @pytest.mark.parametrize("mode", ["preorder", "preorder_legacy"])
 def test_pre_ordered_codes_keep_the_order_pending_past_the_poll_limit(shop, sim, mode):
+    welcome_preorders(shop)
     sim.cws.set_fulfilment(SWITCH_CWS, mode)
     status, body = shop.order()
     order = db.Order.get_by_id(body["order_id"])
@@ -264,6 +270,43 @@ def test_pre_ordered_codes_keep_the_order_pending_past_the_poll_limit(shop, sim,
     assert postbacks.handle(shop.settings, preorder_postback, later(1)) == 200
     shop.service.poll_due(later(2))
     assert state(order.id) == db.COMPLETED and len(shop.service.inventory(order.id)[0]["inventory"]) == 1
+
+
+def test_a_pre_order_we_did_not_ask_for_is_polled_like_a_fulfilling_order_until_the_poll_limit(shop, sim):
+    sim.cws.set_fulfilment(SWITCH_CWS, "late_preorder")
+    sim.cws.preorder_seconds = 10_000
+    _, body = shop.order()
+    order = db.Order.get_by_id(body["order_id"])
+    assert order.state == db.PREORDER and (order.next_check_at - order.updated_at).total_seconds() <= 10
+    shop.service.poll_due(later(shop.settings.cws_poll_max + 10))
+    order = db.Order.get_by_id(order.id)
+    assert order.state == db.PREORDER and (order.next_check_at - order.updated_at).total_seconds() == 300
+    assert shop.alerts("order_failed") == []  # CWS charged and the key will come: never failed
+
+
+def test_a_preorder_postback_naming_only_the_placeholder_code_checks_the_order_now(shop, sim):
+    welcome_preorders(shop)
+    sim.cws.set_fulfilment(SWITCH_CWS, "preorder")
+    _, body = shop.order()
+    order = db.Order.get_by_id(body["order_id"])
+    (placeholder,) = shop.cws_orders(order.id)[0]["products"][0]["codes"]
+    assert db.OrderItem.get(db.OrderItem.order == order.id).preorder_code_id == placeholder["codeId"]
+    sim.cws.complete_order(order.cws_order_id)
+    postback = json.dumps(sim.cws.postback("PREORDER", codeId=placeholder["codeId"]))
+    assert postbacks.handle(shop.settings, postback, later(1)) == 200
+    shop.service.poll_due(later(2))
+    assert state(order.id) == db.COMPLETED
+
+
+def test_bundle_codes_arriving_in_steps_are_stored_only_as_whole_bundles():
+    class Item:
+        def __init__(self):
+            self.cws_code_id, self.state, self.preorder_code_id = None, "pending", None
+    first = [CwsCode("c0", "text", "KEY-0", ""), CwsCode("c1", "preorder", "", ""),
+             CwsCode("c2", "text", "KEY-2", ""), CwsCode("c3", "text", "KEY-3", "")]
+    pairs = assignments([Item(), Item()], first)
+    assert [[c.code_id for c in group] for _, group in pairs] == [["c0", "c1"], ["c2", "c3"]]
+    assert [all(c.value for c in group) for _, group in pairs] == [False, True]  # unit 1 waits for c1
 
 
 def test_an_image_code_becomes_a_file_item_fetched_from_the_file_endpoint(shop, sim):

@@ -223,3 +223,61 @@ def test_a_claim_cws_took_but_whose_history_is_unreadable_is_alerted_shown_and_r
     assert retried.returncode == 0 and retried.stdout.startswith(f"order {order_id}: completed"), retried
     assert len(keys_in(inventory(web.g2a, order_id))) == 1 and len(sim.cws.orders) == 1
     assert stuck_figures({**bridge_env, **env})[1]["stuck"]["claim_unresolved"]["count"] == 0
+
+
+# --- 3. a pre-order we did not ask for is followed closely, and overdue ones are stuck money -----------
+
+def test_a_key_cws_assigns_to_a_pre_order_we_did_not_ask_for_reaches_g2a_within_seconds(shop, sim):
+    sim.cws.set_fulfilment(SWITCH_CWS, "late_preorder")  # placeholder despite allowPreOrder=false...
+    sim.cws.preorder_seconds = 3.0  # ...and the real key 3 s later
+    reservation_id, answer = reserve_and_order(shop.g2a, SWITCH, 1, 4001)
+    assert answer.status_code == 202 and keys_in(answer.json()["stock"]) == []
+    assigned = time.monotonic() + 3.0 - 1.0  # the POST answered about a second after CWS made the order
+    eventually(lambda: keys_in(inventory(shop.g2a, reservation_id)), timeout=15)
+    assert time.monotonic() - assigned < 8  # was 300 s (one check per 5 min)
+
+
+def test_an_overdue_pre_order_is_alerted_and_shown_as_stuck(start_bridge, bridge_env, sim, fresh_db):
+    env = {"CWS_POLL_MAX_SECONDS": "2", "ORDER_INLINE_WAIT_SECONDS": "1"}
+    web = start_bridge("web", **env)
+    start_bridge("worker", **env)
+    sim.cws.set_fulfilment(SWITCH_CWS, "late_preorder")
+    sim.cws.preorder_seconds = 10_000
+    order_id = reserve_and_order(web.g2a, SWITCH, 1, 4002)[1].json()["order_id"]
+    (alert,) = eventually(lambda: list(fresh_db.Alert.select().where(fresh_db.Alert.kind == "order_stuck")),
+                          timeout=20)
+    assert "preorder_overdue" in alert.text and f"g2a-bridge retry {order_id}" in alert.text
+    code, figures = stuck_figures({**bridge_env, **env})
+    assert code == 1 and figures["stuck"]["preorder_overdue"]["count"] == 1
+    assert 'g2a_bridge_orders_stuck{kind="preorder_overdue"} 1.0' in web.g2a.call("GET", "/metrics").text
+    assert fresh_db.Order.get_by_id(order_id).state == "preorder"  # CWS charged: waiting, never failed
+
+
+def test_a_preorder_postback_carrying_only_the_code_id_delivers_the_key_at_once(start_bridge, sim):
+    web = start_bridge("web", CWS_ALLOW_PREORDER="true")
+    start_bridge("worker", CWS_ALLOW_PREORDER="true")  # welcome pre-orders are checked every 5 min
+    sim.cws.set_fulfilment(SWITCH_CWS, "preorder")
+    reservation_id, answer = reserve_and_order(web.g2a, SWITCH, 1, 4003)
+    assert answer.status_code == 202
+    (cws_order,) = sim.cws.orders
+    (placeholder,) = cws_order["products"][0]["codes"]
+    time.sleep(1.0)
+    sim.cws.complete_order(cws_order["orderId"])
+    body = sim.cws.postback("PREORDER", codeId=placeholder["codeId"])
+    assert web.g2a.call("POST", "/cws/postback", body, auth=False).status_code == 200
+    eventually(lambda: keys_in(inventory(web.g2a, reservation_id)), timeout=5)
+
+
+# --- bundles: decided from the complete code set --------------------------------------------------
+
+def test_bundle_codes_cws_assigns_one_by_one_reach_g2a_as_whole_bundles(shop, sim):
+    sim.cws.codes_per_unit = 2  # every unit is two keys: a random-key bundle
+    sim.cws.set_fulfilment(SWITCH_CWS, "late_preorder")
+    sim.cws.preorder_seconds = 1.5  # one code more every 1.5 s: the first unit is half there for a while
+    reservation_id, answer = reserve_and_order(shop.g2a, SWITCH, 2, 4004)
+    assert answer.status_code == 202
+    keys = eventually(lambda: keys_in(inventory(shop.g2a, reservation_id)), timeout=20)
+    codes = [code["code"] for code in sim.cws.orders[0]["products"][0]["codes"]]
+    name = sim.cws.orders[0]["products"][0]["name"]
+    assert [key["value"] for key in keys] == [f"{name} | {codes[0]} / {name} | {codes[1]}",
+                                              f"{name} | {codes[2]} / {name} | {codes[3]}"]

@@ -142,8 +142,9 @@ class FakeCws(FakeApi):
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
 
     Modes beyond cws.md §6: "short" completes with `short_by` codes fewer than ordered; "late_preorder" hands out
-    pre-order placeholders although stock was there and allowPreOrder was false, and fills them in place
-    `preorder_seconds` after the order was created. History knobs (cws.md §7.5 leaves paging and lag unknown):
+    pre-order placeholders although stock was there and allowPreOrder was false, and fills them in place, one
+    more every `preorder_seconds` after the order was created. `codes_per_unit` > 1 sells every unit as that
+    many text codes (a bundle). History knobs (cws.md §7.5 leaves paging and lag unknown):
     history_status (every GET /v3/orders answers it), history_page_size with history_paging "token"
     (items + continuationToken, as products) or "page" (?page=N from 0, with page and totalPages), and
     history_lag (an order shows in history only that many seconds after its creation).
@@ -156,6 +157,7 @@ class FakeCws(FakeApi):
         self.balance = Decimal("1000.00")
         self.hang_seconds = 30.0
         self.short_by = 1
+        self.codes_per_unit = 1
         self.preorder_seconds = 3.0
         self.history_status = None
         self.history_page_size = None
@@ -393,7 +395,8 @@ class FakeCws(FakeApi):
         for line in order.lines:
             in_stock = min(line.quantity, line.product.quantity)
             line.product.quantity -= in_stock
-            line.codes = self._first_codes(line.product.mode, line.quantity, in_stock)
+            line.codes = self._first_codes(line.product.mode, line.quantity * self.codes_per_unit,
+                                           in_stock * self.codes_per_unit)
         if "delayed" in modes:
             order.status = "Fulfilling"
             order.polls_left = max(line.product.polls for line in order.lines if line.product.mode == "delayed")
@@ -415,7 +418,8 @@ class FakeCws(FakeApi):
             for code in line.codes:
                 if not code["code"]:
                     self._fill(code, line.product.mode)
-            line.codes += [self._new_code(line.product.mode) for _ in range(line.quantity - len(line.codes))]
+            line.codes += [self._new_code(line.product.mode)
+                           for _ in range(line.quantity * self.codes_per_unit - len(line.codes))]
         order.status, order.polls_left = "Completed", None
 
     def _placeholder(self, code_type):
@@ -442,15 +446,20 @@ class FakeCws(FakeApi):
         order = self._orders_by_id.get(request.params["id"])
         if order is None:
             raise cws_error(404, ORDER_NOT_FOUND, f"Order {request.params['id']} not found")
-        if order.polls_left == 0 or self._late_key_due(order):
+        if order.polls_left == 0:
             self._complete(order)
         elif order.polls_left:
             order.polls_left -= 1
+        self._fill_late_keys(order)
         return self._order_json(order)
 
-    def _late_key_due(self, order):
-        late = any(line.product.mode == "late_preorder" for line in order.lines)
-        return late and self.now() >= order.created_on + timedelta(seconds=self.preorder_seconds)
+    def _fill_late_keys(self, order):
+        """late_preorder: one more placeholder gets its key every preorder_seconds after the order was made."""
+        due = int((self.now() - order.created_on).total_seconds() // self.preorder_seconds)
+        for line in (line for line in order.lines if line.product.mode == "late_preorder"):
+            waiting = [code for code in line.codes if not code["code"]]
+            for code in waiting[:max(0, due - (len(line.codes) - len(waiting)))]:
+                self._fill(code, "late_preorder")
 
     def _order_history(self, request):
         if self.history_status:
