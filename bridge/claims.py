@@ -11,7 +11,7 @@ from peewee import Case, IntegrityError
 
 from . import db
 from .errors import ContractError
-from .keys import KeyStore
+from .keys import PENDING, KeyStore
 from .reservations import ACTIVE, ORDERED
 
 WAITING = (db.FULFILLING, db.PREORDER)  # states that may be re-set to themselves (a new check time)
@@ -101,11 +101,31 @@ def _create_items(order, lines):
 
 
 def cws_lines(order_id):
-    """[(cws_product_id, quantity, None)] still to buy from CWS. No price cap: the buyer has paid, so a price
-    that rose since the reservation is bought anyway (and alerted as a loss), never refused."""
+    """[(cws_product_id, quantity, None)] still to buy from CWS: the units waiting for a key. No price cap: the
+    buyer has paid, so a price that rose since the reservation is bought anyway (and alerted as a loss)."""
     counts = Counter(item.cws_product_id for item in db.OrderItem.select(db.OrderItem.cws_product_id).where(
-        db.OrderItem.order == order_id, db.OrderItem.source == "cws").order_by(db.OrderItem.position))
+        db.OrderItem.order == order_id, db.OrderItem.source == "cws", db.OrderItem.state == PENDING)
+        .order_by(db.OrderItem.position))
     return [(product_id, quantity, None) for product_id, quantity in counts.items()]
+
+
+def top_up_id(order):
+    """The client order id of the next purchase for this order's missing units: g2a-<id>-2, -3, ..."""
+    base = client_order_id(order.g2a_order_id)
+    current = order.cws_client_order_id
+    number = int(current[len(base) + 1:]) if current != base else 1
+    return f"{base}-{number + 1}"
+
+
+def start_top_up(order, now, check_at):
+    """CWS completed its order with fewer codes than bought: the order becomes a new claim, under a new client
+    order id, for exactly its waiting units (cws_lines). True for one caller only (compare-and-set on the CWS
+    order it replaces); the codes already stored stay on their items."""
+    with db.write_transaction():
+        return db.Order.update(state=db.CLAIMED, cws_client_order_id=top_up_id(order), cws_order_id=None,
+                               placed_at=now, updated_at=now, next_check_at=check_at, failure=None).where(
+            db.Order.id == order.id, db.Order.state == db.FULFILLING,
+            db.Order.cws_order_id == order.cws_order_id).execute() == 1
 
 
 def move(order_id, state, now, **fields):
@@ -130,7 +150,10 @@ def record_placement(order_id, cws_order, now, check_at):
     False when the order already left CLAIMED (the web process and recovery may both find the same purchase)."""
     costs = {product.product_id: product.unit_price for product in cws_order.products}
     with db.write_transaction():
-        moved = db.Order.update(state=db.FULFILLING, cws_order_id=cws_order.order_id, cost_total=cws_order.total_price,
+        earlier = db.Order.get_by_id(order_id).cost_total  # a top-up adds to what earlier purchases cost
+        total = cws_order.total_price if earlier is None or cws_order.total_price is None \
+            else earlier + cws_order.total_price
+        moved = db.Order.update(state=db.FULFILLING, cws_order_id=cws_order.order_id, cost_total=total,
                                 updated_at=now, next_check_at=check_at).where(
             db.Order.id == order_id, db.Order.state == db.CLAIMED, db.Order.cws_order_id.is_null()).execute()
         if not moved:
@@ -138,7 +161,7 @@ def record_placement(order_id, cws_order, now, check_at):
         for product_id, quantity, _ in cws_lines(order_id):
             db.OrderItem.update(unit_cost=costs.get(product_id)).where(
                 db.OrderItem.order == order_id, db.OrderItem.cws_product_id == product_id,
-                db.OrderItem.source == "cws").execute()
+                db.OrderItem.source == "cws", db.OrderItem.state == PENDING).execute()
             product = db.CwsProduct
             # fetched_at moves too: a stock read that began before this purchase and lands after it would put the
             # bought keys back (catalogue._older skips rows fetched since the read began).

@@ -139,11 +139,31 @@ class Fulfilment:
         return self._status_line(db.Order.get_by_id(order.id))
 
     def _retry_failed(self, order, now):
-        if order.cws_order_id:
-            claims.move(order.id, db.FULFILLING, now, placed_at=now, failure=None, next_check_at=now)
-            self._check(db.Order.get_by_id(order.id), now)
-        else:
-            self._retry_purchase(order, now)
+        if not order.cws_order_id:
+            return self._retry_purchase(order, now)
+        try:
+            cws_order = self.cws.order(order.cws_order_id)
+        except UpstreamError as err:
+            raise BridgeError(f"order {order.id}: CWS order {order.cws_order_id} could not be read ({err}); "
+                              "nothing changed, try again later") from err
+        claims.move(order.id, db.FULFILLING, now, placed_at=now, failure=None, next_check_at=now)
+        codes = self._apply(db.Order.get_by_id(order.id), cws_order, now)
+        # Only when CWS says it is done and every code it listed has a key: a code still coming is not missing.
+        if codes and all(code.value for group in codes.values() for code in group):
+            self._buy_missing(db.Order.get_by_id(order.id), now)
+
+    def _buy_missing(self, order, now):
+        """CWS completed its order with fewer codes than we bought: buy exactly the units still waiting, under a
+        new client order id derived from ours (never the same one: CWS may already hold an order under it)."""
+        missing = sum(quantity for _, quantity, _ in claims.cws_lines(order.id))
+        if order.state != db.FULFILLING or not missing:
+            return
+        if not claims.start_top_up(order, now, later(now, self.inline_budget + CLAIM_MIN_AGE)):
+            return
+        claim = db.Order.get_by_id(order.id)
+        event(log, "order.top_up", order=order.id, missing=missing, previous_cws_order=order.cws_order_id,
+              client_order=claim.cws_client_order_id)
+        self._place(claim, now)
 
     def describe(self, order_id, reveal=False):
         return orders.describe(order_id, self.keys, reveal)
@@ -231,10 +251,11 @@ class Fulfilment:
         self._apply(order, cws_order, now)
 
     def _apply(self, order, cws_order, now):
-        """Bring our order in line with what CWS says about it now."""
+        """Bring our order in line with what CWS says about it now; the codes it gathered."""
         codes = self._ready_codes(order, cws_order)
         with db.write_transaction():
             self._settle(order, cws_order, codes, now)
+        return codes
 
     def _settle(self, order, cws_order, codes, now):
         """Inside a write transaction: store the ready codes and move the order to where CWS says it is."""

@@ -22,7 +22,7 @@ FEW_SQL = """SELECT c.id, CASE WHEN c.listed THEN c.quantity ELSE 0 END
   - (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l
      WHERE l.cws_product_id = c.id AND l.active AND l.expires_at > {p})
   - (SELECT COUNT(*) FROM order_item i JOIN "order" o ON o.id = i.order_id
-     WHERE i.cws_product_id = c.id AND o.state = {p} AND i.source = {p})
+     WHERE i.cws_product_id = c.id AND o.state = {p} AND i.source = {p} AND i.state = {p})
 FROM cws_product c WHERE c.id IN ({ids})"""
 
 
@@ -53,7 +53,7 @@ def available_stock(cws_product_ids, now):
 def _few(ids, now):
     database = db.database.obj
     sql = FEW_SQL.format(p=database.param, ids=", ".join([database.param] * len(ids)))
-    params = [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", *ids]
+    params = [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", "pending", *ids]
     found = {cws_id: max(0, int(total)) for cws_id, total in database.execute_sql(sql, params).fetchall()}
     return {cws_id: found.get(cws_id, 0) for cws_id in ids}
 
@@ -81,7 +81,7 @@ def _pooled():
 def _claimed():
     item, order = db.OrderItem, db.Order
     return (item.select(item.cws_product_id, fn.COUNT(item.id)).join(order)
-            .where(order.state == db.CLAIMED, item.source == "cws")
+            .where(order.state == db.CLAIMED, item.source == "cws", item.state == "pending")
             .group_by(item.cws_product_id), item.cws_product_id)
 
 

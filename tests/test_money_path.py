@@ -281,3 +281,26 @@ def test_bundle_codes_cws_assigns_one_by_one_reach_g2a_as_whole_bundles(shop, si
     name = sim.cws.orders[0]["products"][0]["name"]
     assert [key["value"] for key in keys] == [f"{name} | {codes[0]} / {name} | {codes[1]}",
                                               f"{name} | {codes[2]} / {name} | {codes[3]}"]
+
+
+# --- fewer codes than ordered: retry buys exactly the missing units, under a new id -----------------
+
+def test_retry_of_an_order_cws_completed_with_a_code_short_buys_exactly_the_missing_unit_once(
+        start_bridge, bridge_env, sim, fresh_db):
+    env = {"CWS_POLL_MAX_SECONDS": "2", "ORDER_INLINE_WAIT_SECONDS": "1"}
+    web = start_bridge("web", **env)
+    start_bridge("worker", **env)
+    sim.cws.set_fulfilment(SKYLINES_CWS, "short")  # Completed with one code fewer than ordered
+    reservation_id, answer = reserve_and_order(web.g2a, SKYLINES, 3, 5001)
+    order_id = answer.json()["order_id"]
+    eventually(lambda: fresh_db.Order.get_by_id(order_id).state == "failed", timeout=20)
+    sim.cws.set_fulfilment(SKYLINES_CWS, "instant")
+    retried = run_cli({**bridge_env, **env}, "retry", order_id)
+    assert retried.returncode == 0 and retried.stdout.startswith(f"order {order_id}: completed"), retried
+    keys = keys_in(inventory(web.g2a, order_id))
+    bought = [(o["clientOrderId"], len(o["products"][0]["codes"])) for o in sim.cws.orders]
+    assert bought == [("g2a-5001", 2), ("g2a-5001-2", 1)]
+    assert sorted(k["value"] for k in keys) == sorted(c["code"] for o in sim.cws.orders
+                                                      for c in o["products"][0]["codes"])
+    again = run_cli({**bridge_env, **env}, "retry", order_id)
+    assert again.returncode == 1 and "nothing to retry" in again.stderr and len(sim.cws.orders) == 2
