@@ -32,13 +32,15 @@ def client_order_id(g2a_order_id):
     return f"g2a-{g2a_order_id}"
 
 
-def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None):
+def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None, clock=db.utcnow):
     """Turn an active reservation into an order (CLAIMED, or COMPLETED when returned keys cover it).
 
-    404 unknown reservation, 409 already ordered (this reservation or this G2A order), 410 expired or released."""
+    404 unknown reservation, 409 already ordered (this reservation or this G2A order), 410 expired or released.
+    Expiry is judged by `clock()` once the write lock is held, i.e. at commit time: a request that arrived in
+    time but waited for the lock past the reservation's end finds it expired (its stock was offered again)."""
     try:
         with db.write_transaction():
-            _claimable(reservation_id, g2a_order_id, now)
+            _claimable(reservation_id, g2a_order_id, clock())
             lines = list(db.ReservationLine.select().where(
                 db.ReservationLine.reservation == reservation_id, db.ReservationLine.active == True)  # noqa: E712
                 .order_by(db.ReservationLine.id))
@@ -55,9 +57,12 @@ def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None):
             db.Reservation.update(state=ORDERED).where(db.Reservation.id == reservation_id).execute()
             db.ReservationLine.update(active=False).where(db.ReservationLine.reservation == reservation_id).execute()
     except IntegrityError:  # a concurrent claim won between our check and our insert (PostgreSQL)
-        raise _conflict(f"an order already exists for reservation {reservation_id} "
-                        f"or G2A order {g2a_order_id}") from None
+        raise _conflict(_existing(reservation_id, g2a_order_id)) from None
     return db.Order.get_by_id(order.id)
+
+
+def _existing(reservation_id, g2a_order_id):
+    return db.Order.get_or_none((db.Order.reservation == reservation_id) | (db.Order.g2a_order_id == g2a_order_id))
 
 
 def _claimable(reservation_id, g2a_order_id, now):
@@ -65,10 +70,9 @@ def _claimable(reservation_id, g2a_order_id, now):
     reservation = db.Reservation.get_or_none(db.Reservation.id == reservation_id)
     if reservation is None:
         raise ContractError(404, "BR02", f"reservation {reservation_id} not found")
-    existing = db.Order.get_or_none((db.Order.reservation == reservation_id) | (db.Order.g2a_order_id == g2a_order_id))
+    existing = _existing(reservation_id, g2a_order_id)
     if existing is not None:
-        raise _conflict(f"order {existing.id} already exists for reservation {existing.reservation_id} "
-                        f"(G2A order {existing.g2a_order_id}); fetch its keys from GET /order/{existing.id}/inventory")
+        raise _conflict(existing)
     if reservation.state != ACTIVE:
         raise ContractError(410, "BR02", f"reservation {reservation_id} was {reservation.state}")
     if reservation.expires_at <= now:
@@ -76,8 +80,13 @@ def _claimable(reservation_id, g2a_order_id, now):
     return reservation
 
 
-def _conflict(message):
-    return ContractError(409, "BR02", message)
+def _conflict(existing):
+    """409 naming the order that exists, as a field (`order_id`) and in the message."""
+    if existing is None:  # the winner of a race is not visible to this transaction yet
+        return ContractError(409, "BR02", "an order already exists for this reservation or G2A order")
+    return ContractError(409, "BR02", f"order {existing.id} already exists for reservation {existing.reservation_id} "
+                                      f"(G2A order {existing.g2a_order_id}); fetch its keys from "
+                                      f"GET /order/{existing.id}/inventory", extra={"order_id": existing.id})
 
 
 def sale_price(line):

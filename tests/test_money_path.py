@@ -1,6 +1,8 @@
 """Issue 12, end to end: the ways the money path lost money, each played against the real web and worker
 processes and the simulator (and what an operator now sees when money is stuck)."""
 import json
+import sqlite3
+import threading
 import time
 from decimal import Decimal
 
@@ -304,3 +306,47 @@ def test_retry_of_an_order_cws_completed_with_a_code_short_buys_exactly_the_miss
                                                       for c in o["products"][0]["codes"])
     again = run_cli({**bridge_env, **env}, "retry", order_id)
     assert again.returncode == 1 and "nothing to retry" in again.stderr and len(sim.cws.orders) == 2
+
+
+# --- a repeated order: 409 with the existing order id as a field -----------------------------------
+
+def test_a_repeated_order_is_409_carrying_the_existing_order_id_as_a_field(start_bridge, sim):
+    g2a = start_bridge("web").g2a
+    reservation_id, first = reserve_and_order(g2a, SWITCH, 1, 6001)
+    for body in ({"reservation_id": reservation_id, "g2a_order_id": 6001},
+                 {"reservation_id": reservation_id, "g2a_order_id": 6002},
+                 {"reservation_id": g2a.reserve((SWITCH, 1)).json()["reservation_id"], "g2a_order_id": 6001}):
+        again = g2a.call("POST", "/order", body)
+        assert again.status_code == 409 and again.json()["code"] == "BR02"
+        assert again.json()["order_id"] == first.json()["order_id"] and again.json()["message"]
+    assert len(sim.cws.orders) == 1
+
+
+# --- expiry is judged at commit time ---------------------------------------------------------------
+
+def test_an_order_that_waited_past_the_reservation_expiry_for_the_database_is_410(
+        start_bridge, bridge_env, sim):
+    g2a = start_bridge("web", RESERVATION_TTL_MINUTES="0.02").g2a  # 1.2 s
+    reservation_id = g2a.reserve((SWITCH, 1)).json()["reservation_id"]
+    g2a.token()
+    blocker = sqlite3.connect(bridge_env["DATABASE_URL"][len("sqlite:///"):], timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database while the order arrives in time
+    answers = []
+    posting = threading.Thread(target=lambda: answers.append(order(g2a, reservation_id)))
+    posting.start()
+    time.sleep(2.0)  # the reservation expires while the order waits for the write lock
+    blocker.rollback()
+    posting.join()
+    assert answers[0].status_code == 410, answers[0].text
+    assert sim.cws.orders == []
+
+
+# --- no CWS price band for one key: nothing to sell ------------------------------------------------
+
+def test_a_product_without_a_cws_price_for_one_key_is_not_reserved_whatever_g2a_says_it_pays(start_bridge, sim):
+    sim.cws.set_prices(SKYLINES_CWS, [(10, None, "4.00")])  # bands from 10 keys up: no cost for a G2A sale
+    g2a = start_bridge("web", STOCK_MAX_AGE_SECONDS="0").g2a
+    answer = g2a.call("POST", "/reservation", [{"product_id": SKYLINES, "quantity": 1,
+                                                "additional_data": {"unit_price": "1.00"}}])
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
