@@ -4,11 +4,13 @@ import json
 import sqlite3
 import threading
 import time
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 
-from bridge import db, migrations
+from bridge import db, migrations, stuck
+from bridge.config import Settings
 from conftest import SKYLINES, SWITCH
 from test_cli import run_cli
 from test_orders_e2e import eventually, inventory, keys_in
@@ -350,3 +352,34 @@ def test_a_product_without_a_cws_price_for_one_key_is_not_reserved_whatever_g2a_
                                                 "additional_data": {"unit_price": "1.00"}}])
     assert answer.status_code == 400, answer.text
     assert answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
+
+
+# --- stuck money: each kind, its deadline, and the command that resolves it (in-process) ------------
+
+def make_order(order_id, state, age, **fields):
+    now = db.utcnow()
+    db.Reservation.create(id=f"r-{order_id}", expires_at=now)
+    return db.Order.create(id=order_id, reservation=f"r-{order_id}", g2a_order_id=abs(hash(order_id)) % 10**9,
+                           state=state, cws_client_order_id=f"g2a-{order_id}", created_at=now - timedelta(seconds=age),
+                           **fields)
+
+
+def test_each_kind_of_stuck_money_has_its_deadline_and_command(database):
+    settings = Settings(cws_resend_grace=150.0, cws_poll_max=420.0)
+    make_order("young-claim", db.CLAIMED, 299)
+    make_order("old-claim", db.CLAIMED, 301)
+    make_order("preorder", db.PREORDER, 421)
+    make_order("failed", db.FAILED, 0)
+    held = make_order("failed-pool", db.FAILED, 0)
+    db.OrderItem.create(id="i1", order=held, position=0, g2a_product_id=1, cws_product_id="c", source="pool",
+                        state="delivered")
+    make_order("slow", db.FULFILLING, 841)
+    found = {kind: [order.id for order in orders] for kind, orders in stuck.find(settings, db.utcnow()).items()}
+    assert found == {"claim_unresolved": ["old-claim"], "preorder_overdue": ["preorder"],
+                     "failed_holding_pooled_keys": ["failed-pool"], "undelivered": ["slow", "failed"]}  # oldest first
+    summary = stuck.summary(settings, db.utcnow())
+    assert summary["claim_unresolved"]["deadline_seconds"] == 300
+    assert "g2a-bridge retry old-claim" in summary["claim_unresolved"]["command"]
+    welcome = stuck.find(settings.replace(cws_allow_preorder=True), db.utcnow())
+    assert welcome["preorder_overdue"] == []  # pre-orders the seller asked for wait for their release day
+    assert stuck.alert_new(settings, db.utcnow()) == 3 and stuck.alert_new(settings, db.utcnow()) == 0
