@@ -1,0 +1,220 @@
+"""Sales and money for `g2a-bridge report`: orders, keys, revenue, G2A fee, CWS cost, profit, returns, per product
+or per day, read-only, from two aggregate queries. Money is summed exactly (in ten-thousandths) and shown as Decimal.
+"""
+import csv
+import datetime
+import io
+import re
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+
+from peewee import JOIN, SQL, Case, fn
+
+from . import db
+
+CENT = Decimal("0.01")
+SCALE = 10_000  # money is summed in SQL as whole ten-thousandths: exact for any price with at most 4 decimals
+RANKED = 5  # best and worst products shown
+RELATIVE = re.compile(r"(\d+)([hd])\Z")
+COLUMNS = ("key", "orders", "keys", "revenue", "fee", "cost", "profit", "margin", "returned", "reused")
+
+
+def parse_since(text, now):
+    """`24h`, `7d`, `30d` (any count of hours or days) or a date `YYYY-MM-DD` (UTC midnight) -> aware datetime."""
+    match = RELATIVE.fullmatch(text.strip().lower())
+    if match:
+        count, unit = int(match.group(1)), match.group(2)
+        return now - datetime.timedelta(**{"hours" if unit == "h" else "days": count})
+    try:
+        day = datetime.date.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since must be like 24h, 7d, 30d or YYYY-MM-DD, got {text!r}") from None
+    return datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc)
+
+
+@dataclass
+class Line:
+    """Money and counts for one product, one day, or the whole period."""
+    key: str
+    orders: int = 0
+    keys: int = 0
+    revenue: Decimal = Decimal("0.00")
+    fee: Decimal = Decimal("0.00")
+    cost: Decimal = Decimal("0.00")
+    returned: int = 0
+    reused: int = 0
+    order_ids: set = field(default_factory=set, repr=False)
+
+    @property
+    def profit(self):
+        return self.revenue - self.fee - self.cost
+
+    @property
+    def margin(self):
+        """Profit as a share of revenue, in percent (None without revenue)."""
+        return None if not self.revenue else (self.profit * 100 / self.revenue).quantize(Decimal("0.1"))
+
+    def add(self, other):
+        self.keys += other.keys
+        self.revenue += other.revenue
+        self.fee += other.fee
+        self.cost += other.cost
+        self.returned += other.returned
+        self.reused += other.reused
+        self.order_ids |= other.order_ids
+        self.orders = len(self.order_ids)
+
+    def as_dict(self):
+        values = {name: getattr(self, name) for name in COLUMNS}
+        return {name: (str(value) if isinstance(value, Decimal) else value) for name, value in values.items()}
+
+
+@dataclass
+class Report:
+    since: datetime.datetime
+    until: datetime.datetime
+    by: str
+    currency: str
+    total: Line
+    rows: list  # per product or per day, as asked
+    products: list  # per product, always: for the rankings
+    failed: int
+    stuck: int
+
+    def ranked(self):
+        """(best, worst) products by profit; the worst list holds only products that are not among the best."""
+        by_profit = sorted(self.products, key=lambda line: line.profit, reverse=True)
+        return by_profit[:RANKED], by_profit[RANKED:][::-1][:RANKED]
+
+
+def build(settings, since, now, by="product", stuck_after=datetime.timedelta(minutes=10)):
+    """The report for orders created from `since` to `now`, rows per product or per day."""
+    cells = _cells(since, settings.default_fee)
+    _count_orders(cells, since)
+    rows, products = _group(cells, by), _group(cells, "product")
+    total = Line("total")
+    for line in products:
+        total.add(line)
+    failed, stuck = _failed_and_stuck(since, now - stuck_after)
+    return Report(since, now, by, settings.currency, total, rows, products, failed, stuck)
+
+
+def _money(column):
+    """SUM of a Decimal-as-text column in whole ten-thousandths: exact on SQLite (no decimal type) and PostgreSQL."""
+    scaled = fn.ROUND(column.cast("DOUBLE PRECISION") * SCALE).cast("BIGINT")
+    return fn.COALESCE(fn.SUM(scaled), 0)
+
+
+def _day(column):
+    """YYYY-MM-DD of a timestamp (a date on PostgreSQL, text on SQLite: never through the field's converter)."""
+    return fn.DATE(column).coerce(False)
+
+
+def _cells(since, default_fee):
+    """{(day, g2a product id): Line}: one aggregate query over the period's order items."""
+    item, order, product = db.OrderItem, db.Order, db.Product
+    sold = (item.delivered_at.is_null(False)) & (item.state != "returned")
+    revenue = _money(Case(None, [(sold, item.sale_price)], None))
+    cost = _money(Case(None, [((item.source == "cws"), item.unit_cost)], None))
+    query = (item.select(_day(order.created_at), item.g2a_product_id, product.fee,
+                         fn.SUM(Case(None, [(item.delivered_at.is_null(False), 1)], 0)), revenue, cost,
+                         fn.SUM(Case(None, [(item.state == "returned", 1)], 0)),
+                         fn.SUM(Case(None, [(item.source == "pool", 1)], 0)))
+             .join(order, on=(item.order == order.id))
+             .join(product, on=(item.g2a_product_id == product.g2a_id), join_type=JOIN.LEFT_OUTER)
+             .where(order.created_at >= since)
+             .group_by(SQL("1"), item.g2a_product_id, product.fee))
+    cells = {}
+    for day, g2a_id, fee, keys, revenue_units, cost_units, returned, reused in query.tuples().iterator():
+        revenue_total = _decimal(revenue_units)
+        rate = Decimal(fee) if fee is not None else default_fee
+        cells[(str(day), str(g2a_id))] = Line(str(g2a_id), keys=int(keys), revenue=revenue_total,
+                                              fee=(revenue_total * rate).quantize(CENT, ROUND_HALF_UP),
+                                              cost=_decimal(cost_units), returned=int(returned),
+                                              reused=int(reused))
+    return cells
+
+
+def _count_orders(cells, since):
+    """Which orders each cell's keys belong to (an order of two products counts once in the total)."""
+    item, order = db.OrderItem, db.Order
+    query = (item.select(_day(order.created_at), item.g2a_product_id, item.order).distinct()
+             .join(order, on=(item.order == order.id)).where(order.created_at >= since))
+    for day, g2a_id, order_id in query.tuples().iterator():
+        line = cells.get((str(day), str(g2a_id)))
+        if line is not None:
+            line.order_ids.add(order_id)
+            line.orders = len(line.order_ids)
+
+
+def _group(cells, by):
+    lines = {}
+    for (day, g2a_id), cell in cells.items():
+        key = g2a_id if by == "product" else day
+        lines.setdefault(key, Line(key)).add(cell)
+    return sorted(lines.values(), key=lambda line: line.key)
+
+
+def _failed_and_stuck(since, stuck_before):
+    """Orders of the period that FAILED, and those paid but without every key after `stuck_before`."""
+    order = db.Order
+    failed = order.select().where(order.created_at >= since, order.state == db.FAILED).count()
+    stuck = order.select().where(order.created_at >= since, order.created_at < stuck_before,
+                                 order.state.in_([db.CLAIMED, db.FULFILLING, db.PREORDER])).count()
+    return failed, stuck
+
+
+def _decimal(units):
+    return (Decimal(int(units)) / SCALE).quantize(CENT)
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+
+def as_json(report):
+    best, worst = report.ranked()
+    return {"since": report.since.isoformat(), "until": report.until.isoformat(), "by": report.by,
+            "currency": report.currency, "total": report.total.as_dict(), "failed_orders": report.failed,
+            "stuck_orders": report.stuck, "rows": [line.as_dict() for line in report.rows],
+            "best": [line.as_dict() for line in best], "worst": [line.as_dict() for line in worst],
+            "loss_makers": [line.key for line in report.products if line.profit < 0]}
+
+
+def as_csv(report):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((report.by,) + COLUMNS[1:])
+    for line in report.rows + [report.total]:
+        writer.writerow([line.as_dict()[name] for name in COLUMNS])
+    return out.getvalue()
+
+
+def as_text(report):
+    total, currency = report.total, report.currency
+    lines = [f"sales from {report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC, in {currency}",
+             f"orders {total.orders}, keys delivered {total.keys}; failed orders {report.failed}, "
+             f"stuck orders {report.stuck}",
+             f"revenue {total.revenue}  G2A fee {total.fee}  CWS cost {total.cost}  profit {total.profit}  "
+             f"margin {_percent(total.margin)}",
+             f"returns: {total.returned} keys returned, {total.reused} keys reused from the pool", ""]
+    lines += _table(report.rows, report.by)
+    best, worst = report.ranked()
+    lines += ["", "best products by profit:"] + [_ranked(line) for line in best]
+    if worst:
+        lines += ["worst products by profit:"] + [_ranked(line) for line in worst]
+    return "\n".join(lines)
+
+
+def _table(rows, by):
+    header = f"{by:<16} {'orders':>7} {'keys':>6} {'revenue':>11} {'fee':>9} {'cost':>11} {'profit':>10} {'margin':>7}"
+    return [header] + [f"{line.key:<16} {line.orders:>7} {line.keys:>6} {line.revenue:>11} {line.fee:>9} "
+                       f"{line.cost:>11} {line.profit:>10} {_percent(line.margin):>7}"
+                       + ("  LOSS" if line.profit < 0 else "") for line in rows]
+
+
+def _ranked(line):
+    return f"  {line.key:<16} profit {line.profit:>10}  revenue {line.revenue:>10}  keys {line.keys}" + (
+        "  LOSS" if line.profit < 0 else "")
+
+
+def _percent(margin):
+    return "-" if margin is None else f"{margin}%"
