@@ -5,6 +5,7 @@ survive restarts. Each process also keeps its own counters in a CollectorRegistr
 "worker"); the worker publishes its samples to the setting "metrics.worker" on each heartbeat (every 5 s) and
 the web's /metrics merges them with its own. Why this shape: docs/decisions.md, "Observability".
 """
+import datetime
 import json
 import logging
 
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Count
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from . import db, keys, status
+from . import db, keys, report, status
 from .log import event
 from .reservations import ACTIVE
 
@@ -163,7 +164,25 @@ def database_families(settings, now):
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
         _alerts(),
+        *money_families(settings, now),
     ]
+
+
+EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def money_families(settings, now):
+    """All-time sales money, as `g2a-bridge report` computes it. Gauges, not counters: a returned key lowers the
+    revenue and the profit, and a counter must never go down (dashboards take delta() over them)."""
+    total = report.build(settings, EPOCH, now).total
+    currency = settings.currency
+    families = [_gauge(name, f"{what} in {currency} since the first order (net of returned keys)", value)
+                for name, what, value in (("revenue", "Sales revenue at the sale price", total.revenue),
+                                          ("g2a_fee", "G2A's fee on the revenue", total.fee),
+                                          ("cws_cost", "What CWS charged for the keys bought", total.cost),
+                                          ("profit", "Revenue less G2A's fee and the CWS cost", total.profit))]
+    pooled = db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count()
+    return families + [_gauge("pooled_keys", "Returned keys waiting in the pool for the next order", pooled)]
 
 
 def active_reservations(now):
