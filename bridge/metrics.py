@@ -5,7 +5,6 @@ survive restarts. Each process also keeps its own counters in a CollectorRegistr
 "worker"); the worker publishes its samples to the setting "metrics.worker" on each heartbeat (every 5 s) and
 the web's /metrics merges them with its own. Why this shape: docs/decisions.md, "Observability".
 """
-import datetime
 import json
 import logging
 
@@ -164,17 +163,14 @@ def database_families(settings, now):
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
         _alerts(),
-        *money_families(settings, now),
+        *money_families(settings),
     ]
 
 
-EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-def money_families(settings, now):
+def money_families(settings):
     """All-time sales money, as `g2a-bridge report` computes it. Gauges, not counters: a returned key lowers the
     revenue and the profit, and a counter must never go down (dashboards take delta() over them)."""
-    total = report.build(settings, EPOCH, now).total
+    total = report.all_time(settings)
     currency = settings.currency
     families = [_gauge(name, f"{what} in {currency} since the first order (net of returned keys)", value)
                 for name, what, value in (("revenue", "Sales revenue at the sale price", total.revenue),

@@ -5,16 +5,18 @@ import csv
 import datetime
 import io
 import re
-from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from dataclasses import dataclass
+from decimal import Decimal
 
-from peewee import JOIN, SQL, Case, fn
+from peewee import JOIN, SQL, Case, Value, fn
 
 from . import db
 
 CENT = Decimal("0.01")
 SCALE = 10_000  # money is summed in SQL as whole ten-thousandths: exact for any price with at most 4 decimals
+HALF_UP_NUDGE = 1e-6  # in cents; see _fee_cents
 RANKED = 5  # best and worst products shown
+EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 RELATIVE = re.compile(r"(\d+)([hd])\Z")
 COLUMNS = ("key", "orders", "keys", "revenue", "fee", "cost", "profit", "margin", "returned", "reused")
 
@@ -43,7 +45,6 @@ class Line:
     cost: Decimal = Decimal("0.00")
     returned: int = 0
     reused: int = 0
-    order_ids: set = field(default_factory=set, repr=False)
 
     @property
     def profit(self):
@@ -55,14 +56,13 @@ class Line:
         return None if not self.revenue else (self.profit * 100 / self.revenue).quantize(Decimal("0.1"))
 
     def add(self, other):
+        self.orders += other.orders
         self.keys += other.keys
         self.revenue += other.revenue
         self.fee += other.fee
         self.cost += other.cost
         self.returned += other.returned
         self.reused += other.reused
-        self.order_ids |= other.order_ids
-        self.orders = len(self.order_ids)
 
     def as_dict(self):
         values = {name: getattr(self, name) for name in COLUMNS}
@@ -89,14 +89,43 @@ class Report:
 
 def build(settings, since, now, by="product", stuck_after=datetime.timedelta(minutes=10)):
     """The report for orders created from `since` to `now`, rows per product or per day."""
-    cells = _cells(since, settings.default_fee)
-    _count_orders(cells, since)
-    rows, products = _group(cells, by), _group(cells, "product")
+    products = _lines(since, settings.default_fee, "product")
+    days = _lines(since, settings.default_fee, "day")
     total = Line("total")
-    for line in products:
+    for line in days:  # an order falls on one day, so the days' order counts add up (the products' may not)
         total.add(line)
     failed, stuck = _failed_and_stuck(since, now - stuck_after)
-    return Report(since, now, by, settings.currency, total, rows, products, failed, stuck)
+    return Report(since, now, by, settings.currency, total, products if by == "product" else days, products,
+                  failed, stuck)
+
+
+def all_time(settings):
+    """The total line since the first order: one aggregate query without the orders table (what /metrics reads at
+    each scrape)."""
+    [line] = _lines(None, settings.default_fee, None) or [Line("total")]
+    return line
+
+
+def _lines(since, default_fee, by):
+    """One aggregate query over the order items of orders created since `since` (None: all): a Line per product,
+    per day, or (by=None) in total."""
+    item, order, product = db.OrderItem, db.Order, db.Product
+    sold = item.delivered_at.is_null(False) & (item.state != "returned")
+    rate = fn.COALESCE(product.fee, str(default_fee)).cast("DOUBLE PRECISION")
+    group = {"product": item.g2a_product_id, "day": fn.DATE(order.created_at).coerce(False), None: Value("total")}[by]
+    query = (item.select(group, fn.COUNT(item.order.distinct()), _count(item.delivered_at.is_null(False)),
+                         _money(Case(None, [(sold, item.sale_price)])), _fee_cents(sold, item.sale_price, rate),
+                         _money(Case(None, [(item.source == "cws", item.unit_cost)])),
+                         _count(item.state == "returned"), _count(item.source == "pool"))
+             .join(product, JOIN.LEFT_OUTER, on=(item.g2a_product_id == product.g2a_id)))
+    if since is not None or by == "day":
+        query = query.join(order, on=(item.order == order.id)).where(order.created_at >= (since or EPOCH))
+    if by is not None:
+        query = query.group_by(SQL("1")).order_by(SQL("1"))
+    return [Line(str(key), orders=orders, keys=int(keys or 0), revenue=_decimal(revenue),
+                 fee=Decimal(int(fee_cents)) / 100, cost=_decimal(cost), returned=int(returned or 0),
+                 reused=int(reused or 0))
+            for key, orders, keys, revenue, fee_cents, cost, returned, reused in query.tuples().iterator() if orders]
 
 
 def _money(column):
@@ -105,54 +134,16 @@ def _money(column):
     return fn.COALESCE(fn.SUM(scaled), 0)
 
 
-def _day(column):
-    """YYYY-MM-DD of a timestamp (a date on PostgreSQL, text on SQLite: never through the field's converter)."""
-    return fn.DATE(column).coerce(False)
+def _fee_cents(sold, sale_price, rate):
+    """G2A's fee on each key sold, rounded half up to the cent, summed in cents. The price (2 decimals) times the
+    rate (at most 4) is a whole number of 1/10,000 cents, so the nudge turns a float's x.4999... into the half it
+    stands for without moving any other value across a rounding boundary."""
+    cents = fn.ROUND(sale_price.cast("DOUBLE PRECISION") * rate * 100 + HALF_UP_NUDGE).cast("BIGINT")
+    return fn.COALESCE(fn.SUM(Case(None, [(sold, cents)])), 0)
 
 
-def _cells(since, default_fee):
-    """{(day, g2a product id): Line}: one aggregate query over the period's order items."""
-    item, order, product = db.OrderItem, db.Order, db.Product
-    sold = (item.delivered_at.is_null(False)) & (item.state != "returned")
-    revenue = _money(Case(None, [(sold, item.sale_price)], None))
-    cost = _money(Case(None, [((item.source == "cws"), item.unit_cost)], None))
-    query = (item.select(_day(order.created_at), item.g2a_product_id, product.fee,
-                         fn.SUM(Case(None, [(item.delivered_at.is_null(False), 1)], 0)), revenue, cost,
-                         fn.SUM(Case(None, [(item.state == "returned", 1)], 0)),
-                         fn.SUM(Case(None, [(item.source == "pool", 1)], 0)))
-             .join(order, on=(item.order == order.id))
-             .join(product, on=(item.g2a_product_id == product.g2a_id), join_type=JOIN.LEFT_OUTER)
-             .where(order.created_at >= since)
-             .group_by(SQL("1"), item.g2a_product_id, product.fee))
-    cells = {}
-    for day, g2a_id, fee, keys, revenue_units, cost_units, returned, reused in query.tuples().iterator():
-        revenue_total = _decimal(revenue_units)
-        rate = Decimal(fee) if fee is not None else default_fee
-        cells[(str(day), str(g2a_id))] = Line(str(g2a_id), keys=int(keys), revenue=revenue_total,
-                                              fee=(revenue_total * rate).quantize(CENT, ROUND_HALF_UP),
-                                              cost=_decimal(cost_units), returned=int(returned),
-                                              reused=int(reused))
-    return cells
-
-
-def _count_orders(cells, since):
-    """Which orders each cell's keys belong to (an order of two products counts once in the total)."""
-    item, order = db.OrderItem, db.Order
-    query = (item.select(_day(order.created_at), item.g2a_product_id, item.order).distinct()
-             .join(order, on=(item.order == order.id)).where(order.created_at >= since))
-    for day, g2a_id, order_id in query.tuples().iterator():
-        line = cells.get((str(day), str(g2a_id)))
-        if line is not None:
-            line.order_ids.add(order_id)
-            line.orders = len(line.order_ids)
-
-
-def _group(cells, by):
-    lines = {}
-    for (day, g2a_id), cell in cells.items():
-        key = g2a_id if by == "product" else day
-        lines.setdefault(key, Line(key)).add(cell)
-    return sorted(lines.values(), key=lambda line: line.key)
+def _count(condition):
+    return fn.SUM(Case(None, [(condition, 1)], 0))
 
 
 def _failed_and_stuck(since, stuck_before):

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from test_cli import run_cli
 
-from bridge import db, migrations, report
+from bridge import db, metrics, migrations, report
 from bridge.config import Settings
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
@@ -130,3 +130,10 @@ def test_the_command_prints_json_and_refuses_a_bad_since_with_exit_2(bridge_env,
     assert json.loads(ok.stdout)["total"]["orders"] == 0
     bad = run_cli(bridge_env, "report", "--since", "last week")
     assert bad.returncode == 2 and "24h, 7d, 30d or YYYY-MM-DD" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_metrics_export_the_all_time_money_and_the_pooled_keys(shop):
+    db.PooledKey.create(cws_product_id=f"cws-{INDIE}", returned_item=db.OrderItem.get(db.OrderItem.state == "returned"))
+    families = {family.name: family.samples for family in metrics.money_families(SETTINGS)}
+    values = {name.removeprefix("g2a_bridge_"): samples[0].value for name, samples in families.items()}
+    assert values == {"revenue": 127.32, "g2a_fee": 18.68, "cws_cost": 30.0, "profit": 78.64, "pooled_keys": 1}
