@@ -18,7 +18,7 @@ HALF_UP_NUDGE = 1e-6  # in cents; see _fee_cents
 RANKED = 5  # best and worst products shown
 EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 RELATIVE = re.compile(r"(\d+)([hd])\Z")
-COLUMNS = ("key", "orders", "keys", "revenue", "fee", "cost", "profit", "margin", "returned", "reused")
+COLUMNS = ("key", "name", "orders", "keys", "revenue", "fee", "cost", "profit", "margin", "returned", "reused")
 
 
 def parse_since(text, now):
@@ -38,6 +38,7 @@ def parse_since(text, now):
 class Line:
     """Money and counts for one product, one day, or the whole period."""
     key: str
+    name: str = ""  # the CWS product's name, on product lines
     orders: int = 0
     keys: int = 0
     revenue: Decimal = Decimal("0.00")
@@ -89,7 +90,7 @@ class Report:
 
 def build(settings, since, now, by="product", stuck_after=datetime.timedelta(minutes=10)):
     """The report for orders created from `since` to `now`, rows per product or per day."""
-    products = _lines(since, settings.default_fee, "product")
+    products = _named(_lines(since, settings.default_fee, "product"))
     days = _lines(since, settings.default_fee, "day")
     total = Line("total")
     for line in days:  # an order falls on one day, so the days' order counts add up (the products' may not)
@@ -123,9 +124,19 @@ def _lines(since, default_fee, by):
     if by is not None:
         query = query.group_by(SQL("1")).order_by(SQL("1"))
     return [Line(str(key), orders=orders, keys=int(keys or 0), revenue=_decimal(revenue),
-                 fee=Decimal(int(fee_cents)) / 100, cost=_decimal(cost), returned=int(returned or 0),
+                 fee=(Decimal(int(fee_cents)) / 100).quantize(CENT), cost=_decimal(cost), returned=int(returned or 0),
                  reused=int(reused or 0))
             for key, orders, keys, revenue, fee_cents, cost, returned, reused in query.tuples().iterator() if orders]
+
+
+def _named(lines):
+    """The product lines with the CWS product's name (a query on the few products that sold)."""
+    ids = [int(line.key) for line in lines]
+    names = dict(db.Product.select(db.Product.g2a_id, db.CwsProduct.name).join(db.CwsProduct)
+                 .where(db.Product.g2a_id.in_(ids)).tuples()) if ids else {}
+    for line in lines:
+        line.name = names.get(int(line.key)) or ""
+    return lines
 
 
 def _money(column):
@@ -186,7 +197,7 @@ def as_text(report):
              f"stuck orders {report.stuck}",
              f"revenue {total.revenue}  G2A fee {total.fee}  CWS cost {total.cost}  profit {total.profit}  "
              f"margin {_percent(total.margin)}",
-             f"returns: {total.returned} keys returned, {total.reused} keys reused from the pool", ""]
+             f"returns: keys returned {total.returned}, keys reused from the pool {total.reused}", ""]
     lines += _table(report.rows, report.by)
     best, worst = report.ranked()
     lines += ["", "best products by profit:"] + [_ranked(line) for line in best]
@@ -196,15 +207,16 @@ def as_text(report):
 
 
 def _table(rows, by):
-    header = f"{by:<16} {'orders':>7} {'keys':>6} {'revenue':>11} {'fee':>9} {'cost':>11} {'profit':>10} {'margin':>7}"
+    header = (f"{by:<16} {'orders':>7} {'keys':>6} {'revenue':>11} {'fee':>9} {'cost':>11} {'profit':>10} "
+              f"{'margin':>7}  name")
     return [header] + [f"{line.key:<16} {line.orders:>7} {line.keys:>6} {line.revenue:>11} {line.fee:>9} "
-                       f"{line.cost:>11} {line.profit:>10} {_percent(line.margin):>7}"
+                       f"{line.cost:>11} {line.profit:>10} {_percent(line.margin):>7}  {line.name[:40]}"
                        + ("  LOSS" if line.profit < 0 else "") for line in rows]
 
 
 def _ranked(line):
-    return f"  {line.key:<16} profit {line.profit:>10}  revenue {line.revenue:>10}  keys {line.keys}" + (
-        "  LOSS" if line.profit < 0 else "")
+    return (f"  {line.key:<16} profit {line.profit:>10}  revenue {line.revenue:>10}  keys {line.keys:>5}  "
+            f"{line.name[:40]}" + ("  LOSS" if line.profit < 0 else ""))
 
 
 def _percent(margin):

@@ -17,7 +17,7 @@ SETTINGS = Settings(default_fee=Decimal("0.15"), currency="EUR")
 
 
 def seed_product(g2a_id, fee):
-    cws = db.CwsProduct.create(id=f"cws-{g2a_id}", quantity=10)
+    cws = db.CwsProduct.create(id=f"cws-{g2a_id}", name=f"Game {g2a_id % 100}", quantity=10)
     db.Product.create(g2a_id=g2a_id, cws_product=cws, fee=fee)
 
 
@@ -79,6 +79,7 @@ def test_the_report_matches_a_hand_computation_cent_for_cent(shop):
     assert (indie.key, indie.orders, indie.keys, indie.revenue, indie.fee, indie.cost, indie.profit) == (
         str(INDIE), 3, 3, INDIE_REVENUE, INDIE_FEE, INDIE_COST, Decimal("0.99"))
     assert (indie.returned, indie.reused) == (1, 1)
+    assert (game.name, indie.name) == ("Game 1", "Game 2")
     total = sales.total
     assert (total.orders, total.keys, total.revenue, total.fee, total.cost, total.profit) == (
         6, 5, Decimal("28.32"), Decimal("3.83"), Decimal("29.00"), Decimal("-4.51"))
@@ -113,8 +114,8 @@ def test_the_text_and_csv_say_the_same_figures(shop):
     assert "revenue 28.32  G2A fee 3.83  CWS cost 29.00  profit -4.51  margin -15.9%" in text
     assert f"{GAME}" in text and "LOSS" in text
     rows = report.as_csv(sales).splitlines()
-    assert rows[0] == "product,orders,keys,revenue,fee,cost,profit,margin,returned,reused"
-    assert rows[-1] == "total,6,5,28.32,3.83,29.00,-4.51,-15.9,1,1"
+    assert rows[0] == "product,name,orders,keys,revenue,fee,cost,profit,margin,returned,reused"
+    assert rows[-1] == "total,,6,5,28.32,3.83,29.00,-4.51,-15.9,1,1"
 
 
 @pytest.mark.parametrize("since, expected", [
