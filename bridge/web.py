@@ -31,6 +31,12 @@ MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB bod
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
 LOOPBACK = "loopback"  # route config auth=LOOPBACK: Bearer/Basic, or a direct call from this machine
+# Waitress reads a request whole before a thread sees it, so a client trickling its body in costs one connection,
+# not a thread. Its default limit of 100 connections let 105 such clients stop every G2A call; 1000 costs about as
+# many descriptors (the web unit's LimitNOFILE), past select()'s 1024, hence poll(). An idle connection goes after
+# 10-15 s. Bodies Waitress still reads above MAX_BODY_BYTES get the app's JSON 413; past 1 MiB Waitress refuses.
+SERVER_OPTIONS = {"connection_limit": 1000, "asyncore_use_poll": True, "channel_timeout": 10, "cleanup_interval": 5,
+                  "max_request_body_size": MAX_BODY_BYTES * 4, "backlog": 1024}
 
 
 def reply(status, payload=None):
@@ -357,6 +363,5 @@ def serve(settings, app, metrics=None):
     """Run Waitress until the process is stopped; `metrics` should be the object create_app() was given."""
     event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
     waitress.serve(AccessLog(app, metrics), host=settings.host, port=settings.port, threads=settings.web_threads,
-                   ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4, channel_timeout=30,
-                   trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
-                   clear_untrusted_proxy_headers=True)
+                   ident="g2a-bridge", trusted_proxy="127.0.0.1", trusted_proxy_count=1,
+                   trusted_proxy_headers={"x-forwarded-for"}, clear_untrusted_proxy_headers=True, **SERVER_OPTIONS)
