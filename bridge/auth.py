@@ -12,6 +12,7 @@ from . import db
 from .errors import ContractError
 
 TOKEN_LIFETIME = 3600
+CONTRACT, METRICS = "contract", "metrics"  # what a pair may open: everything, or /metrics and /health?deep=1
 _CACHE_LIMIT = 10_000
 
 
@@ -19,14 +20,22 @@ def token_hash(token):
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def client_matches(settings, client_id, client_secret):
-    """Constant-time check against every configured pair (no early exit, so timing says nothing)."""
-    matched = False
-    for known_id, known_secret in settings.api_clients():
+def configured_pairs(settings):
+    """(scope, client_id, client_secret) of every pair we accept: G2A's (contract) and the scrapers' (metrics)."""
+    return ([(CONTRACT, pair_id, secret) for pair_id, secret in settings.api_clients()]
+            + [(METRICS, pair_id, secret) for pair_id, secret in settings.metrics_clients])
+
+
+def client_scope(settings, client_id, client_secret):
+    """The scope of the configured pair these credentials match, or None; constant time against every pair
+    (no early exit, so timing says nothing)."""
+    scope = None
+    for pair_scope, known_id, known_secret in configured_pairs(settings):
         id_ok = hmac.compare_digest(client_id.encode(), known_id.encode())
         secret_ok = hmac.compare_digest(client_secret.encode(), known_secret.encode())
-        matched |= id_ok & secret_ok
-    return matched
+        if id_ok & secret_ok:
+            scope = pair_scope
+    return scope
 
 
 def basic_credentials(header):
@@ -42,48 +51,65 @@ def basic_credentials(header):
 
 
 class TokenStore:
-    """Issues and checks Bearer tokens; only hashes reach the database, a small cache spares it per request."""
+    """Issues and checks Bearer tokens; only hashes reach the database, a small cache spares it per request.
+    A token keeps the scope and client id of the pair it was issued to."""
 
     def __init__(self, settings, clock=time.time):
         self.settings, self.clock = settings, clock
-        self._known = {}  # token hash -> expiry (epoch seconds)
+        self._known = {}  # token hash -> (expiry in epoch seconds, scope, client id)
         self._lock = threading.Lock()
 
     def issue(self, client_id, client_secret, now):
-        if not client_matches(self.settings, client_id, client_secret):
+        scope = client_scope(self.settings, client_id, client_secret)
+        if scope is None:
             raise ContractError(401, "AUTH02", "invalid client credentials")
         token = secrets.token_urlsafe(32)
-        db.ApiToken.create(token_hash=token_hash(token), client_id=client_id,
+        db.ApiToken.create(token_hash=token_hash(token), client_id=client_id, scope=scope,
                            expires_at=now + timedelta(seconds=TOKEN_LIFETIME))
         return token, TOKEN_LIFETIME
 
-    def check(self, authorization, now):
-        """Accept `Bearer <token we issued>` or Basic with a configured pair; raise AUTH01/AUTH02 otherwise."""
+    def check(self, authorization, now, scopes=(CONTRACT,)):
+        """The scope of `Bearer <token we issued>` or of Basic with a configured pair; raise AUTH01/AUTH02 (401)
+        when there is none, AUTH02 (403) when it is not one of `scopes`."""
         if not authorization:
             raise ContractError(401, "AUTH01", "missing Authorization header")
         pair = basic_credentials(authorization)
         if pair is not None:
-            if client_matches(self.settings, *pair):
-                return
-            raise ContractError(401, "AUTH02", "invalid client credentials")
+            scope = client_scope(self.settings, *pair)
+            if scope is None:
+                raise ContractError(401, "AUTH02", "invalid client credentials")
+            return _allowed(scope, scopes)
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ContractError(401, "AUTH01", "expected a Bearer token")
-        if not self._valid(token_hash(token.strip()), now):
+        scope = self._scope(token_hash(token.strip()), now)
+        if scope is None:
             raise ContractError(401, "AUTH02", "invalid or expired token")
+        return _allowed(scope, scopes)
 
-    def _valid(self, digest, now):
-        expires = self._known.get(digest)
-        if expires is None:
-            row = db.ApiToken.get_or_none(db.ApiToken.token_hash == digest)
-            if row is None:
-                return False
-            expires = row.expires_at.timestamp()
-            with self._lock:
-                if len(self._known) >= _CACHE_LIMIT:
-                    self._known.clear()
-                self._known[digest] = expires
-        return expires > now.timestamp()
+    def _scope(self, digest, now):
+        known = self._known.get(digest) or self._load(digest)
+        if known is None:
+            return None
+        expires, scope, _client_id = known
+        return scope if expires > now.timestamp() else None
+
+    def _load(self, digest):
+        row = db.ApiToken.get_or_none(db.ApiToken.token_hash == digest)
+        if row is None:
+            return None
+        known = (row.expires_at.timestamp(), row.scope, row.client_id)
+        with self._lock:
+            if len(self._known) >= _CACHE_LIMIT:
+                self._known.clear()
+            self._known[digest] = known
+        return known
+
+
+def _allowed(scope, scopes):
+    if scope not in scopes:
+        raise ContractError(403, "AUTH02", "these credentials open only /metrics and /health?deep=1")
+    return scope
 
 
 def delete_expired_tokens(now):

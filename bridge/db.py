@@ -194,9 +194,10 @@ class PooledKey(BaseModel):
 
 
 class ApiToken(BaseModel):
-    """An access token we issued to G2A, stored as its SHA-256 only."""
+    """An access token we issued, stored as its SHA-256 only, with the pair it was issued to."""
     token_hash = CharField(primary_key=True, max_length=64)
     client_id = CharField(max_length=128)
+    scope = CharField(max_length=16, default="contract")  # auth.CONTRACT or auth.METRICS
     created_at = UtcDateTimeField(default=utcnow)
     expires_at = UtcDateTimeField(index=True)
 

@@ -2,6 +2,7 @@
 import logging
 
 from peewee import CharField, IntegerField, Model
+from playhouse.migrate import SchemaMigrator, migrate as apply_operations
 
 from . import db as models
 from .log import event
@@ -22,8 +23,19 @@ def _initial(database):
     database.create_tables(models.MODELS, safe=True)
 
 
+def _add_column(database, model, name):
+    """Add the model's column `name` unless it is there already (step 1 creates fresh tables whole)."""
+    table = model._meta.table_name
+    if name not in {column.name for column in database.get_columns(table)}:
+        apply_operations(SchemaMigrator.from_database(database).add_column(table, name, model._meta.fields[name]))
+
+
+def _token_scope(database):
+    _add_column(database, models.ApiToken, "scope")
+
+
 # Append only: a shipped step never changes; new columns or tables get a new numbered step.
-STEPS = [(1, "initial tables", _initial)]
+STEPS = [(1, "initial tables", _initial), (30, "api_token.scope", _token_scope)]
 
 
 def migrate(database):

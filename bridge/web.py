@@ -11,7 +11,7 @@ import bottle
 import waitress
 
 from . import alerts, db, postbacks
-from .auth import FailureBrake, TokenStore
+from .auth import CONTRACT, METRICS, FailureBrake, TokenStore
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
 from .crypto import load_key_box
 from .cws import CwsClient
@@ -30,7 +30,8 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
-LOOPBACK = "loopback"  # route config auth=LOOPBACK: Bearer/Basic, or a direct call from this machine
+# Route config auth=MONITORING: a contract or a METRICS_CLIENTS pair (Bearer/Basic), or a direct call from this machine.
+MONITORING = "monitoring"
 # Waitress reads a request whole before a thread sees it, so a client trickling its body in costs one connection,
 # not a thread. Its default limit of 100 connections let 105 such clients stop every G2A call; 1000 costs about as
 # many descriptors (the web unit's LimitNOFILE), past select()'s 1024, hence poll(). An idle connection goes after
@@ -67,8 +68,8 @@ class ErrorPlugin:
 
 
 class AuthPlugin:
-    """Bearer (or Basic) on every route unless the route says auth=False, or auth=LOOPBACK (direct calls from this
-    machine need none); repeated failures per IP get 429."""
+    """Bearer (or Basic) of a contract pair on every route unless the route says auth=False, or auth=MONITORING
+    (metrics pairs too, and direct calls from this machine need none); repeated failures per IP get 429."""
     name, api = "auth", 2
 
     def __init__(self, tokens, brake):
@@ -80,17 +81,24 @@ class AuthPlugin:
             return callback
 
         def wrapper(*args, **kwargs):
-            authorize(self.tokens, self.brake, allow_loopback=mode == LOOPBACK)
+            if mode == MONITORING:
+                authorize_monitoring(self.tokens, self.brake)
+            else:
+                authorize(self.tokens, self.brake)
             return callback(*args, **kwargs)
         return wrapper
 
 
-def authorize(tokens, brake, allow_loopback=False):
-    """Raise AUTH01/AUTH02 unless the call carries valid credentials (or, when allowed, comes from loopback)."""
-    if allow_loopback and direct_from_loopback(bottle.request.environ):
-        return
+def authorize(tokens, brake, scopes=(CONTRACT,)):
+    """Raise AUTH01/AUTH02 unless the call carries valid credentials of one of `scopes`."""
     # The raw header: Bottle's get_header() raises on bytes that are not UTF-8, which is then a 500, not a 401.
-    guard(brake, lambda: tokens.check(bottle.request.environ.get("HTTP_AUTHORIZATION"), db.utcnow()))
+    guard(brake, lambda: tokens.check(bottle.request.environ.get("HTTP_AUTHORIZATION"), db.utcnow(), scopes))
+
+
+def authorize_monitoring(tokens, brake):
+    """/metrics and /health?deep=1: any configured pair, or no credentials on a direct call from this machine."""
+    if not direct_from_loopback(bottle.request.environ):
+        authorize(tokens, brake, (CONTRACT, METRICS))
 
 
 def direct_from_loopback(environ):
@@ -177,7 +185,7 @@ def create_app(settings, cws=None, metrics=None):
     @app.get("/health", auth=False)
     def health():
         if bottle.request.query.get("deep") in ("1", "true"):
-            authorize(tokens, brake, allow_loopback=True)
+            authorize_monitoring(tokens, brake)
             return reply(*deep_health(settings, db.utcnow()))
         try:
             db.database.execute_sql("SELECT 1")
@@ -188,7 +196,7 @@ def create_app(settings, cws=None, metrics=None):
         bottle.response.content_type = "text/plain"
         return "OK"
 
-    @app.get("/metrics", auth=LOOPBACK)
+    @app.get("/metrics", auth=MONITORING)
     def prometheus_metrics():
         bottle.response.content_type = CONTENT_TYPE
         return metrics.exposition(settings, db.utcnow())

@@ -21,7 +21,7 @@ from conftest import OUR_ID, OUR_SECRET, SECRET_KEY, SKYLINES, SWITCH
 from polling import wait_for
 
 from bridge import alerts, db, postbacks
-from bridge.auth import TokenStore, client_matches, token_hash
+from bridge.auth import TokenStore, client_scope, token_hash
 from bridge.config import CWS_HOSTS, G2A_HOSTS, Settings
 from bridge.cws import CwsClient
 from bridge.errors import ConfigError, ContractError
@@ -107,7 +107,7 @@ def compare_spy(monkeypatch):
 ])
 def test_credentials_are_compared_in_constant_time_against_every_pair_with_no_early_exit(
         compare_spy, client_id, client_secret, expected):
-    assert client_matches(PAIRS, client_id, client_secret) is expected
+    assert (client_scope(PAIRS, client_id, client_secret) == "contract") is expected
     # id and secret of each of the three pairs, even when the first pair already matched
     assert len(compare_spy) == 6
     assert {b for _, b in compare_spy} == {value.encode() for pair in PAIRS.api_clients() for value in pair}
