@@ -56,6 +56,8 @@ class TokenStore:
 
     def __init__(self, settings, clock=time.time):
         self.settings, self.clock = settings, clock
+        # A token of a pair removed from the configuration is refused, from the cache as from the database.
+        self._clients = {(scope, client_id) for scope, client_id, _ in configured_pairs(settings)}
         self._known = {}  # token hash -> (expiry in epoch seconds, scope, client id)
         self._lock = threading.Lock()
 
@@ -91,8 +93,8 @@ class TokenStore:
         known = self._known.get(digest) or self._load(digest)
         if known is None:
             return None
-        expires, scope, _client_id = known
-        return scope if expires > now.timestamp() else None
+        expires, scope, client_id = known
+        return scope if expires > now.timestamp() and (scope, client_id) in self._clients else None
 
     def _load(self, digest):
         row = db.ApiToken.get_or_none(db.ApiToken.token_hash == digest)
@@ -110,6 +112,17 @@ def _allowed(scope, scopes):
     if scope not in scopes:
         raise ContractError(403, "AUTH02", "these credentials open only /metrics and /health?deep=1")
     return scope
+
+
+def delete_unconfigured_tokens(settings):
+    """Delete the tokens of pairs no longer configured (check() refuses them anyway); returns how many."""
+    pairs = configured_pairs(settings)
+    keep = None
+    for scope in (CONTRACT, METRICS):
+        ids = [client_id for pair_scope, client_id, _ in pairs if pair_scope == scope]
+        clause = (db.ApiToken.scope == scope) & db.ApiToken.client_id.in_(ids)
+        keep = clause if keep is None else keep | clause
+    return db.ApiToken.delete().where(~keep).execute()
 
 
 def delete_expired_tokens(now):

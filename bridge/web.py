@@ -11,7 +11,7 @@ import bottle
 import waitress
 
 from . import alerts, db, postbacks
-from .auth import CONTRACT, METRICS, FailureBrake, TokenStore
+from .auth import CONTRACT, METRICS, FailureBrake, TokenStore, delete_unconfigured_tokens
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
 from .crypto import load_key_box
 from .cws import CwsClient
@@ -158,6 +158,9 @@ def create_app(settings, cws=None, metrics=None):
     counts what this process does; serve() must get the same object to count requests."""
     app = bottle.Bottle(autojson=False)
     tokens, brake = TokenStore(settings), FailureBrake()
+    revoked = delete_unconfigured_tokens(settings)
+    if revoked:
+        event(log, "auth.tokens_revoked", count=revoked, reason="their client pair is no longer configured")
     pause = PauseSwitch(settings.service_enabled)
     metrics = metrics or Metrics("web")
     cws = cws or CwsClient(settings, observer=metrics.upstream)

@@ -100,3 +100,38 @@ def test_the_same_id_as_a_contract_and_a_metrics_pair_gets_the_scope_of_the_secr
     assert db.ApiToken.get().scope == METRICS
     assert refusal(store, f"Bearer {token}") == (403, "AUTH02")
     assert store.check(basic(OUR_ID, OUR_SECRET), NOW) == CONTRACT
+
+
+# ---- removing a pair revokes its tokens --------------------------------------------------------------------------
+
+OLD_ID, OLD_SECRET = "old-client", "old-client-secret-0123456789"
+
+
+def test_a_token_of_a_removed_pair_stops_working_through_a_restart_and_leaves_the_database(start_bridge, fresh_db):
+    before = start_bridge("web", OUR_API_EXTRA_CLIENTS=f"{OLD_ID}:{OLD_SECRET}",
+                          METRICS_CLIENTS=f"{PROM_ID}:{PROM_SECRET}")
+    url = before.g2a.base_url
+    old, prom, ours = (token_for(url, *pair) for pair in ((OLD_ID, OLD_SECRET), (PROM_ID, PROM_SECRET),
+                                                          (OUR_ID, OUR_SECRET)))
+    assert call(url, "GET", "/healthcheck", f"Bearer {old}").status_code == 204
+    before.stop()
+    start_bridge("web")  # the same database, without the old pair and without METRICS_CLIENTS
+    for token in (old, prom):
+        answer = call(url, "GET", "/metrics", f"Bearer {token}")
+        assert (answer.status_code, answer.json()["code"]) == (401, "AUTH02")
+    assert call(url, "GET", "/healthcheck", f"Bearer {ours}").status_code == 204
+    assert [row.client_id for row in fresh_db.ApiToken.select()] == [OUR_ID]
+
+
+def test_a_cached_token_is_refused_by_a_store_whose_settings_no_longer_have_its_pair(database):
+    with_old = SETTINGS.replace(extra_clients=((OLD_ID, OLD_SECRET),))
+    token, _ = TokenStore(with_old).issue(OLD_ID, OLD_SECRET, NOW)
+    store = TokenStore(SETTINGS)
+    assert refusal(store, f"Bearer {token}") == (401, "AUTH02")
+    assert refusal(store, f"Bearer {token}") == (401, "AUTH02")  # the second answer comes from the cache
+
+
+def test_a_pair_moved_from_the_contract_to_the_metrics_list_keeps_no_contract_token(database):
+    token, _ = TokenStore(SETTINGS.replace(extra_clients=((OLD_ID, OLD_SECRET),))).issue(OLD_ID, OLD_SECRET, NOW)
+    store = TokenStore(SETTINGS.replace(metrics_clients=((OLD_ID, OLD_SECRET),)))
+    assert refusal(store, f"Bearer {token}", (CONTRACT, METRICS)) == (401, "AUTH02")
