@@ -3,6 +3,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
@@ -129,28 +130,70 @@ def delete_expired_tokens(now):
     return db.ApiToken.delete().where(db.ApiToken.expires_at <= now).execute()
 
 
-class FailureBrake:
-    """Counts failed authentications per client IP; past `limit` in `window` seconds the IP gets 429 for a while."""
+def address_key(ip):
+    """What the brake counts by: an IPv4 address, or an IPv6 address's /64 (a customer is usually given a whole /64,
+    so counting single IPv6 addresses would give a guesser 2**64 tries); IPv4-mapped IPv6 as its IPv4 address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
-    def __init__(self, limit=20, window=60.0, clock=time.monotonic):
-        self.limit, self.window, self.clock = limit, window, clock
-        self._failures = {}
+
+class FailureBrake:
+    """Counts failed authentications per client address (see address_key); past `limit` in `window` seconds the
+    address gets 429 until the window has passed. At most `capacity` addresses are remembered: when full, the
+    expired go first, then the unbraked with the oldest failure, and braked ones only when nothing else is left."""
+
+    def __init__(self, limit=20, window=60.0, clock=time.monotonic, capacity=_CACHE_LIMIT):
+        self.limit, self.window, self.clock, self.capacity = limit, window, clock, capacity
+        self._failures = {}  # address key -> times of its recent failures, oldest first, at most `limit`
         self._lock = threading.Lock()
 
     def check(self, ip):
+        key = address_key(ip)
         with self._lock:
-            recent = self._recent(ip)
+            recent = self._recent(key)
         if len(recent) >= self.limit:
             raise ContractError(429, "AUTH03", "too many failed authentication attempts; try again later")
 
     def failed(self, ip):
+        key = address_key(ip)
         with self._lock:
-            self._recent(ip).append(self.clock())
-            if len(self._failures) > _CACHE_LIMIT:
-                self._failures.clear()
+            self._failures[key] = (self._recent(key) + [self.clock()])[-self.limit:]
+            if len(self._failures) > self.capacity:
+                self._evict(keep=key)
 
-    def _recent(self, ip):
+    def size(self):
+        return len(self._failures)
+
+    def _recent(self, key):
         cutoff = self.clock() - self.window
-        recent = [t for t in self._failures.get(ip, ()) if t > cutoff]
-        self._failures[ip] = recent
+        recent = [t for t in self._failures.get(key, ()) if t > cutoff]
+        if recent:
+            self._failures[key] = recent
+        else:
+            self._failures.pop(key, None)
         return recent
+
+    def _evict(self, keep):
+        """Down to 90 % at once (a flood of new addresses sorts the table once per thousand, not every time), never
+        dropping `keep`, the address that just failed: else, in a table full of braked addresses, a new guesser
+        would be forgotten at each failure and never braked."""
+        cutoff = self.clock() - self.window
+        live = {key: [t for t in times if t > cutoff] for key, times in self._failures.items()}
+        live = {key: times for key, times in live.items() if times}
+        excess = len(live) - self.capacity * 9 // 10
+        candidates = sorted((key for key in live if key != keep), key=lambda k: self._eviction_rank(live[k]))
+        for key in candidates[:max(excess, 0)]:
+            del live[key]
+        self._failures = live
+
+    def _eviction_rank(self, times):
+        """Unbraked before braked; among the unbraked the stalest, among the braked the one released soonest."""
+        is_braked = len(times) >= self.limit
+        return (is_braked, times[0] if is_braked else times[-1])

@@ -250,7 +250,7 @@ def create_app(settings, cws=None, metrics=None):
 
     @app.post("/cws/postback", auth=False)
     def cws_postback():
-        return reply(postbacks.handle(settings, read_body(), db.utcnow()), {})
+        return reply(guard(brake, lambda: postbacks.handle(settings, read_body(), db.utcnow())), {})
 
     return app
 
