@@ -13,7 +13,7 @@ import waitress
 from . import alerts, db, postbacks
 from .auth import CONTRACT, METRICS, FailureBrake, TokenStore, delete_unconfigured_tokens
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
-from .crypto import load_key_box
+from .crypto import open_key_box
 from .cws import CwsClient
 from .errors import ContractError
 from .fulfillment import Fulfilment
@@ -166,7 +166,7 @@ def create_app(settings, cws=None, metrics=None):
     cws = cws or CwsClient(settings, observer=metrics.upstream)
     metrics.watch_tokens(cws=cws)
     refresher = StockRefresher(cws, settings.stock_max_age)
-    orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
+    orders = Fulfilment(settings, cws, open_key_box(settings))
     reservations = Reservations(settings, refresher, pause, observer=metrics.reservation)
     app.install(ErrorPlugin())
     app.install(AuthPlugin(tokens, brake))
