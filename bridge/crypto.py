@@ -74,7 +74,7 @@ def load_key_box(configured_key, folder):
 def _create_key_file(path):
     """Write a new key whole and private, then link it into place: link() never replaces a file, so when two
     processes start together both end up with the first one's key, and a crash leaves no empty secret.key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret.key.")  # mode 0600
     try:
         with os.fdopen(fd, "w") as handle:

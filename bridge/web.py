@@ -1,5 +1,4 @@
 """The HTTP side: G2A's merchant contract on Bottle, served by Waitress; errors mapped to JSON in one place."""
-import ipaddress
 import json
 import logging
 import re
@@ -28,8 +27,9 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
 MAX_BODY_BYTES = 256 * 1024
 MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
+TRUSTED_PROXY = "127.0.0.1"  # the local TLS proxy: the only peer whose X-Forwarded-For Waitress believes
 # Route config auth=MONITORING: a contract or a METRICS_CLIENTS pair (Bearer/Basic), or a direct call from this machine.
 MONITORING = "monitoring"
 # Waitress reads a request whole before a thread sees it, so a client trickling its body in costs one connection,
@@ -102,14 +102,10 @@ def authorize_monitoring(tokens, brake):
 
 
 def direct_from_loopback(environ):
-    """A call made on this machine, not forwarded by the TLS proxy (which sets X-Forwarded-For on every call)."""
-    if environ.get("HTTP_X_FORWARDED_FOR") or environ.get("HTTP_FORWARDED"):
-        return False
-    try:
-        address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
-    except ValueError:
-        return False
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+    """A call made on this machine, not forwarded by the TLS proxy (which sets X-Forwarded-For on every call).
+    Only from TRUSTED_PROXY itself: Waitress strips X-Forwarded-For (and Forwarded) from every other peer before we
+    see it, so a proxy reaching us over ::1 would look like a direct call."""
+    return environ.get("REMOTE_ADDR") == TRUSTED_PROXY and not environ.get("HTTP_X_FORWARDED_FOR")
 
 
 def guard(brake, check):
@@ -311,7 +307,7 @@ class AccessLog:
     def __call__(self, environ, start_response):
         started = time.perf_counter()
         offered = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = offered if REQUEST_ID_PATTERN.match(offered) else uuid.uuid4().hex[:16]
+        request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex[:16]
         token = REQUEST_ID.set(request_id)
         status_seen = []
 
@@ -374,5 +370,5 @@ def serve(settings, app, metrics=None):
     """Run Waitress until the process is stopped; `metrics` should be the object create_app() was given."""
     event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
     waitress.serve(AccessLog(app, metrics), host=settings.host, port=settings.port, threads=settings.web_threads,
-                   ident="g2a-bridge", trusted_proxy="127.0.0.1", trusted_proxy_count=1,
+                   ident="g2a-bridge", trusted_proxy=TRUSTED_PROXY, trusted_proxy_count=1,
                    trusted_proxy_headers={"x-forwarded-for"}, clear_untrusted_proxy_headers=True, **SERVER_OPTIONS)
