@@ -35,8 +35,10 @@ MONITORING = "monitoring"
 # Waitress reads a request whole before a thread sees it, so a client trickling its body in costs one connection,
 # not a thread. Its default limit of 100 connections let 105 such clients stop every G2A call; 1000 costs about as
 # many descriptors (the web unit's LimitNOFILE), past select()'s 1024, hence poll(). An idle connection goes after
-# 10-15 s. Bodies Waitress still reads above MAX_BODY_BYTES get the app's JSON 413; past 1 MiB Waitress refuses.
-SERVER_OPTIONS = {"connection_limit": 1000, "asyncore_use_poll": True, "channel_timeout": 10, "cleanup_interval": 5,
+# 30-35 s: longer than the proxy keeps an idle upstream connection (README: Caddy keepalive 10s), or the proxy could
+# send a request into a connection we just closed (a 502 for G2A). Bodies Waitress still reads above MAX_BODY_BYTES
+# get the app's JSON 413; past 1 MiB Waitress refuses.
+SERVER_OPTIONS = {"connection_limit": 1000, "asyncore_use_poll": True, "channel_timeout": 30, "cleanup_interval": 5,
                   "max_request_body_size": MAX_BODY_BYTES * 4, "backlog": 1024}
 
 
