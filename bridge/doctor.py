@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from peewee import PeeweeException
 
 from . import db
-from .crypto import KEY_FILE_NAME, load_key_box
+from .crypto import KEY_FILE_NAME, claim_database, load_key_box, stored_secret
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError, UpstreamError
 from .g2a import G2aClient
@@ -90,12 +90,14 @@ def check_data_dir(settings):
 
 
 def check_secret_key(settings, database_ok):
-    """The key works, and (with a database) still opens the keys stored with it."""
+    """The key works, and (with a database) is the one it was set up with and still opens the keys stored with it."""
     folder = db.data_dir(settings.database_url)
     try:
         box = load_key_box(settings.bridge_secret_key, folder)
         box.decrypt(box.encrypt(b"doctor"))
-        stored = _one_stored_key() if database_ok else None
+        stored = stored_secret() if database_ok else None
+        if database_ok:
+            claim_database(box)
         if stored is not None:
             box.decrypt(stored)
     except LOCAL_ERRORS as err:
@@ -104,11 +106,6 @@ def check_secret_key(settings, database_ok):
     source = "BRIDGE_SECRET_KEY" if settings.bridge_secret_key else f"generated {folder / KEY_FILE_NAME}"
     checked = "opens the stored keys" if stored is not None else "encrypts and decrypts"
     return Result("secret key", True, f"{source} {checked}; keep a backup of it")
-
-
-def _one_stored_key():
-    item = db.OrderItem.select(db.OrderItem.secret).where(db.OrderItem.secret.is_null(False)).first()
-    return None if item is None else item.secret
 
 
 def check_cws(settings):

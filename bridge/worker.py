@@ -17,7 +17,7 @@ import schedule
 
 from . import alerts, db, pause, stuck
 from .auth import delete_expired_tokens
-from .crypto import load_key_box
+from .crypto import open_key_box
 from .cws import CwsClient
 from .errors import BridgeError, UpstreamError
 from .fulfillment import Fulfilment
@@ -266,7 +266,7 @@ def upstream_clients(settings, metrics=None):
 
 
 def fulfilment_for(settings, cws):
-    return Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
+    return Fulfilment(settings, cws, open_key_box(settings))
 
 
 def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
