@@ -32,15 +32,16 @@ def client_order_id(g2a_order_id):
     return f"g2a-{g2a_order_id}"
 
 
-def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None, clock=db.utcnow):
+def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None, clock=None):
     """Turn an active reservation into an order (CLAIMED, or COMPLETED when returned keys cover it).
 
     404 unknown reservation, 409 already ordered (this reservation or this G2A order), 410 expired or released.
-    Expiry is judged by `clock()` once the write lock is held, i.e. at commit time: a request that arrived in
-    time but waited for the lock past the reservation's end finds it expired (its stock was offered again)."""
+    Expiry is judged by `clock()` (default: `now`) once the write lock is held, i.e. at commit time: a request
+    that arrived in time but waited for the lock past the reservation's end finds it expired (its stock was
+    offered again)."""
     try:
         with db.write_transaction():
-            _claimable(reservation_id, g2a_order_id, clock())
+            _claimable(reservation_id, g2a_order_id, clock() if clock else now)
             lines = list(db.ReservationLine.select().where(
                 db.ReservationLine.reservation == reservation_id, db.ReservationLine.active == True)  # noqa: E712
                 .order_by(db.ReservationLine.id))

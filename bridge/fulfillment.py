@@ -54,7 +54,8 @@ class Fulfilment:
         404/409/410. The purchase runs on its own thread, so a slow CWS never holds G2A past the budget."""
         started = self.clock()
         check_at = later(now, self.inline_budget + CLAIM_MIN_AGE)
-        order = claims.claim(reservation_id, g2a_order_id, now, request_id or REQUEST_ID.get(), check_at)
+        order = claims.claim(reservation_id, g2a_order_id, now, request_id or REQUEST_ID.get(), check_at,
+                             clock=lambda: self._now(now, started))
         event(log, "order.claimed", order=order.id, g2a_order=g2a_order_id, reservation=reservation_id,
               client_order=order.cws_client_order_id, state=order.state)
         if order.state == db.CLAIMED:

@@ -154,6 +154,15 @@ def test_an_expired_reservation_is_410_and_an_unknown_one_404(shop, sim):
     assert sim.cws.orders == []
 
 
+def test_expiry_is_judged_when_the_claim_holds_the_lock_not_when_the_request_arrived(shop, sim):
+    reservation_id = shop.reserve()
+    arrived = db.utcnow()
+    with pytest.raises(ContractError) as expired:
+        claims.claim(reservation_id, 7, arrived, clock=lambda: later(shop.settings.reservation_ttl + 1))
+    assert expired.value.status == 410
+    assert claims.claim(reservation_id, 7, arrived, clock=lambda: arrived).state == db.CLAIMED
+
+
 def test_a_released_reservation_is_410(shop, sim):
     reservation_id = shop.reserve()
     shop.reservations.release(reservation_id)
