@@ -6,20 +6,19 @@ history by our client order id, and sent again (with the same id) only when CWS 
 import contextlib
 import contextvars
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 
 from . import claims, db, keys, orders
 from .alerts import raise_alert
+from .balance import Balance
 from .claims import later, resend_grace
 from .cws import BALANCE_TOO_LOW, DELISTED
 from .errors import BridgeError, OutcomeUnknown, UpstreamError
 from .keys import KeyStore
 from .log import REQUEST_ID, event
 from .pricing import break_even_price
-from .stock import BALANCE_KEY, known_balance
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,11 @@ MIN_POLL, MAX_POLL, PREORDER_POLL = 1.0, 10.0, 300.0  # seconds between worker c
 CLAIM_MIN_AGE = 5.0  # a younger claim is probably still being placed by the web process
 RECOVERY_RECHECK = 10.0  # history look-ups of one unresolved claim, at most this often
 BATCH = 50  # orders per poll_due / recover call, so one call never runs for long
-BALANCE_SETTING = BALANCE_KEY
-BALANCE_CHECK, BALANCE_LOW_CHECK = 300.0, 30.0  # seconds between balance readings: normally, and while low
 
 
 class Fulfilment:
     """One per process. The web calls create_order/inventory/...; the worker poll_due (every ~0.5 s),
-    recover (at start, then every ~30 s) and check_balance (every ~5 min); the CLI retry/describe/list_orders."""
+    recover (at start, then every ~30 s) and balance.due (every 10 s); the CLI retry/describe/list_orders."""
 
     def __init__(self, settings, cws, key_box, sleep=time.sleep, clock=time.monotonic, background=None):
         self.settings, self.cws, self.sleep, self.clock = settings, cws, sleep, clock
@@ -43,9 +40,7 @@ class Fulfilment:
         self.inline_budget = min(settings.order_inline_wait, G2A_BUDGET)
         self.recovery_grace = resend_grace(settings)
         self._purchases = ThreadPoolExecutor(max(2, settings.web_threads), thread_name_prefix="purchase")
-        self._background = background or ThreadPoolExecutor(1, thread_name_prefix="cws-balance").submit
-        self._balance_lock = threading.Lock()
-        self._balance_queued = False
+        self.balance = Balance(settings, cws, background)
 
     # ---- G2A: POST /order and the inventory endpoints ------------------------------------------
 
@@ -96,25 +91,6 @@ class Fulfilment:
         for order in stale:
             self._guarded(self._recover_one, order, now)
         return len(stale)
-
-    def balance_due(self, now):
-        """Worker job: read the balance every BALANCE_CHECK s, or every BALANCE_LOW_CHECK s while it is low (so
-        selling resumes soon after a top-up); the new balance, or None when no reading was due."""
-        row, balance = db.Setting.get_or_none(db.Setting.key == BALANCE_SETTING), known_balance()
-        wait = BALANCE_LOW_CHECK if balance is None or balance < self.settings.cws_low_balance else BALANCE_CHECK
-        if row is not None and (now - row.updated_at).total_seconds() < wait:
-            return None
-        return self.check_balance(now)
-
-    def check_balance(self, now):
-        """Read the CWS balance, keep it in Setting "cws.balance" (updated_at = when), alert when low."""
-        balance = self.cws.account().total_to_use
-        with db.write_transaction():
-            db.put_setting(BALANCE_SETTING, balance)
-        if balance < self.settings.cws_low_balance:
-            raise_alert("low_balance", "cws", f"CWS balance {balance:.2f} {self.settings.currency} is below "
-                                              f"CWS_LOW_BALANCE {self.settings.cws_low_balance}: top up", now)
-        return balance
 
     # ---- CLI ------------------------------------------------------------------------------------
 
@@ -200,18 +176,14 @@ class Fulfilment:
             self._refused(order, err, now)
             return
         self._adopt(order, placed, later(now, self.clock() - sent), name, **fields)  # as of CWS's answer
-        self._balance_soon(now)
+        self.balance.soon(now)
 
     def _refused(self, order, err, now):
         if err.retryable:  # never reached CWS, or 429: nothing bought; recovery sends it again after the grace
             event(log, "order.place_deferred", level=logging.WARNING, order=order.id, error=str(err))
             return
         if err.code == BALANCE_TOO_LOW:
-            # Known now to be too low, whatever the last reading said: reservations and sync stop offering keys
-            # until a reading (queued now, then every BALANCE_LOW_CHECK s by the worker) shows the top-up.
-            with db.write_transaction():
-                db.put_setting(BALANCE_SETTING, 0)
-            self._balance_soon(now)
+            self.balance.spent(now)
             raise_alert("low_balance", "cws", f"CWS balance too low to buy order {order.id}: top up, then run "
                                               f"g2a-bridge retry {order.id}", now)
         if err.code == DELISTED:  # the next stock refresh re-lists any product of the order CWS still sells
@@ -407,22 +379,6 @@ class Fulfilment:
             except Exception:
                 log.exception("order.check_crashed order=%s", order.id)
                 claims.reschedule(order.id, later(now, MAX_POLL))
-
-    def _balance_soon(self, now):
-        """After a purchase, read the balance on a background thread (at most one queued): POST /order never waits."""
-        with self._balance_lock:
-            if self._balance_queued:
-                return
-            self._balance_queued = True
-        self._background(self._balance_in_background, now)
-
-    def _balance_in_background(self, now):
-        with self._balance_lock:
-            self._balance_queued = False
-        try:
-            self.check_balance(now)
-        except Exception as err:  # noqa: BLE001 (a failed balance read must never touch the purchase)
-            event(log, "cws.balance_unavailable", level=logging.WARNING, error=str(err))
 
     def _now(self, now, started):
         return later(now, self.clock() - started)

@@ -283,7 +283,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
         Job("orders.stuck", 5.0, lambda now: stuck.alert_new(settings, now)),
         Job("cleanup", 60.0, cleanup, at_start=True),
-        Job("cws.balance", 10.0, fulfilment.balance_due, at_start=True),
+        Job("cws.balance", 10.0, fulfilment.balance.due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),
         Job("alerts.dispatch", 5.0, lambda now: alerts.dispatch_pending(settings, now, webhook)),
     ]

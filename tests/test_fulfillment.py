@@ -377,18 +377,18 @@ def test_a_failed_order_gives_its_stock_back(shop, sim):
 
 def test_a_low_balance_is_read_every_30_s_so_selling_resumes_soon_after_a_top_up(shop, sim):
     sim.cws.balance = Decimal("0.00")
-    assert shop.service.balance_due(db.utcnow()) == 0  # never read: read now
+    assert shop.service.balance.due(db.utcnow()) == 0  # never read: read now
     sim.cws.balance = Decimal("1000.00")
-    assert shop.service.balance_due(later(10)) is None
-    assert shop.service.balance_due(later(31)) == Decimal("1000.00")
-    assert shop.service.balance_due(later(60)) is None  # no longer low: every 5 min
-    assert shop.service.balance_due(later(301)) == Decimal("1000.00")
+    assert shop.service.balance.due(later(10)) is None
+    assert shop.service.balance.due(later(31)) == Decimal("1000.00")
+    assert shop.service.balance.due(later(60)) is None  # no longer low: every 5 min
+    assert shop.service.balance.due(later(301)) == Decimal("1000.00")
 
 
 def test_a_purchase_refused_for_balance_marks_the_balance_spent_until_it_is_read_again(shop, sim):
-    shop.service.check_balance(db.utcnow())
+    shop.service.balance.check(db.utcnow())
     sim.cws.set_fulfilment(SWITCH_CWS, "balance")
-    shop.service._background = lambda work, *args: None  # the re-read it queues has not run yet
+    shop.service.balance._background = lambda work, *args: None  # the re-read it queues has not run yet
     shop.order()
     with pytest.raises(ContractError) as refused:
         shop.reserve(SKYLINES, 1)
@@ -616,7 +616,7 @@ def test_the_balance_is_stored_after_a_purchase_and_alerts_when_low(shop, sim):
     shop.order()
     assert Decimal(db.get_setting("cws.balance")) == Decimal("994.70")
     sim.cws.balance = Decimal("12.00")
-    assert shop.service.check_balance(db.utcnow()) == Decimal("12.00")
+    assert shop.service.balance.check(db.utcnow()) == Decimal("12.00")
     assert "12.00" in shop.alerts("low_balance")[0]
 
 
