@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from peewee import PeeweeException
 
 from . import db
+from .budget import budgets_for
 from .crypto import KEY_FILE_NAME, load_key_box
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError, UpstreamError
@@ -113,7 +114,7 @@ def _one_stored_key():
 
 def check_cws(settings):
     try:
-        account = CwsClient(settings).account()
+        account = CwsClient(settings, budgets=budgets_for(settings, "cli")).account()
     except UpstreamError as err:
         return Result("CWS", False, one_line(err),
                       upstream_remedy(err, "CWS_CLIENT_ID and CWS_CLIENT_SECRET", "CWS_API_BASE_URL"))
@@ -124,7 +125,7 @@ def check_cws(settings):
 
 def check_g2a(settings):
     try:
-        next(G2aClient(settings).offers(), None)
+        next(G2aClient(settings, budgets=budgets_for(settings, "cli")).offers(), None)
     except UpstreamError as err:
         return Result("G2A", False, one_line(err),
                       upstream_remedy(err, "G2A_API_KEY and G2A_API_SECRET", "G2A_API_BASE_URL / G2A_ENV"))

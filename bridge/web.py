@@ -12,6 +12,7 @@ import waitress
 
 from . import alerts, db, postbacks
 from .auth import FailureBrake, TokenStore
+from .budget import budgets_for
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
 from .crypto import load_key_box
 from .cws import CwsClient
@@ -146,7 +147,7 @@ def create_app(settings, cws=None, metrics=None):
     tokens, brake = TokenStore(settings), FailureBrake()
     pause = PauseSwitch(settings.service_enabled)
     metrics = metrics or Metrics("web")
-    cws = cws or CwsClient(settings, observer=metrics.upstream)
+    cws = cws or CwsClient(settings, budgets=budgets_for(settings, "web"), observer=metrics.upstream)
     metrics.watch_tokens(cws=cws)
     refresher = StockRefresher(cws, settings.stock_max_age)
     orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))

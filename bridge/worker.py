@@ -17,6 +17,7 @@ import schedule
 
 from . import alerts, db, pause
 from .auth import delete_expired_tokens
+from .budget import budgets_for
 from .crypto import load_key_box
 from .cws import CwsClient
 from .errors import BridgeError, UpstreamError
@@ -28,7 +29,6 @@ from .metrics import Metrics
 from .products import MappingWatcher
 from .reservations import expire_reservations
 from .sync import SyncEngine
-from .upstream import RequestBudget
 
 log = logging.getLogger(__name__)
 TICK = 0.5  # the loop's longest wait; the fastest jobs run every 0.5 s
@@ -256,11 +256,13 @@ def cleanup(now):
     delete_expired_tokens(now)
 
 
-def upstream_clients(settings, metrics=None):
-    """The CWS and G2A clients of one process (G2A's request budget is per client), reporting to `metrics`."""
+def upstream_clients(settings, metrics=None, role="worker"):
+    """The CWS and G2A clients of one process, spending the budgets of its `role` (budget.py), reporting to
+    `metrics`."""
     metrics = metrics or Metrics("worker")
-    cws = CwsClient(settings, observer=metrics.upstream)
-    g2a = G2aClient(settings, budget=RequestBudget(settings.g2a_requests_per_minute), observer=metrics.upstream)
+    budgets = budgets_for(settings, role)
+    cws = CwsClient(settings, budgets=budgets, observer=metrics.upstream)
+    g2a = G2aClient(settings, budgets=budgets, observer=metrics.upstream)
     metrics.watch_tokens(cws=cws, g2a=g2a)
     return cws, g2a
 
