@@ -238,16 +238,23 @@ class SyncFailed(BridgeError):
     """A pass that reported errors and got no write through (CWS or G2A unreachable, every write refused)."""
 
 
-def checked(sync_pass, metrics):
+def checked(sync_pass, metrics, throttling=tuple):
     """A sync pass as a job, counted in `metrics`, that fails (and so counts towards the sync_failing alert) when
-    nothing worked."""
+    nothing worked. A pass that failed while CWS or G2A answer 429 (`throttling()` names the classes) is not a
+    failure: the budget slows down and catches up, and alerts by itself if the throttle lasts (budget.py)."""
     def run(now):
         report = sync_pass(now)
         if report is None:  # a dirty pass with nothing to do
             return
         metrics.sync_pass(report)
-        if not report.succeeded:
-            raise SyncFailed(f"{report.kind} pass: {len(report.errors)} errors, first: {report.errors[0]}")
+        if report.succeeded:
+            return
+        throttled = list(throttling())
+        if throttled:
+            event(log, "sync.throttled", level=logging.WARNING, kind=report.kind, budgets=",".join(throttled),
+                  errors=len(report.errors), first=report.errors[0])
+            return
+        raise SyncFailed(f"{report.kind} pass: {len(report.errors)} errors, first: {report.errors[0]}")
     return run
 
 
@@ -277,10 +284,11 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     engine = SyncEngine(settings, cws, g2a, pause_switch)
     fulfilment = fulfilment_for(settings, cws)
     webhook = requests.Session()
+    throttling = cws.budgets.throttling if cws.budgets is not None else tuple
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
-        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics)),
-        Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
+        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics, throttling)),
+        Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics, throttling), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
         Job("cleanup", 60.0, cleanup, at_start=True),
