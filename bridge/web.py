@@ -149,6 +149,7 @@ def create_app(settings, cws=None, metrics=None):
     metrics = metrics or Metrics("web")
     cws = cws or CwsClient(settings, budgets=budgets_for(settings, "web"), observer=metrics.upstream)
     metrics.watch_tokens(cws=cws)
+    metrics.watch_budgets(cws.budgets)
     refresher = StockRefresher(cws, settings.stock_max_age)
     orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
     reservations = Reservations(settings, refresher, pause, observer=metrics.reservation)

@@ -271,6 +271,7 @@ def upstream_clients(settings, metrics=None, role="worker"):
     cws = CwsClient(settings, budgets=budgets, observer=metrics.upstream)
     g2a = G2aClient(settings, budgets=budgets, observer=metrics.upstream)
     metrics.watch_tokens(cws=cws, g2a=g2a)
+    metrics.watch_budgets(budgets)
     return cws, g2a
 
 
@@ -284,7 +285,8 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     engine = SyncEngine(settings, cws, g2a, pause_switch)
     fulfilment = fulfilment_for(settings, cws)
     webhook = requests.Session()
-    throttling = cws.budgets.throttling if cws.budgets is not None else tuple
+    budgets = getattr(cws, "budgets", None)
+    throttling = budgets.throttling if budgets is not None else tuple
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
         Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics, throttling)),
