@@ -30,7 +30,7 @@ SPLIT = {
 MIN_PACE = 0.1  # AIMD never slows a class below a tenth of its slice
 DECREASE = 0.5  # pace multiplier after each 429
 RECOVERY_PER_WINDOW = 1.0  # pace regained per window without a 429 (+0.1 every tenth of the window)
-BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0  # hold after a 429 without Retry-After: 1, 2, 4 ... 60 s
+BACKOFF_FIRST, BACKOFF_CAP = 0.25, 60.0  # hold after 429s in a row without Retry-After: 0.25, 0.5, 1 ... 60 s
 RETRY_AFTER_MAX = 600.0  # a longer (or negative) Retry-After is taken for a server bug and ignored
 PERSISTENT = 300.0  # seconds of 429s on one class before it alerts
 

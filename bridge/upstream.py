@@ -88,7 +88,7 @@ class Upstream:
             token = self.token.get() if auth and self.token else None
             response = None
             try:
-                spend.take()
+                spend.take(retry=attempt > 1)
                 response = self._send(method, path, endpoint, token, attempt, idempotent, options)
                 spend.answered(response)
                 if response.status_code == 401 and token and not refreshed:
@@ -184,10 +184,15 @@ class _Spender:
         self.service, self.budget, self.wait, self.endpoint = service, budget, wait, endpoint
         self._hold = None
 
-    def take(self):
+    def take(self, retry):
+        """A slot for the next attempt. A caller that will not wait still waits out the short hold a 429 puts on a
+        retry (at most RETRY_AFTER_CAP): it was already sent once, and giving up would waste that."""
         if self.budget is None:
             return
-        if not (self.budget.acquire() if self.wait else self.budget.try_acquire()):
+        if self.wait:
+            self.budget.acquire()
+            return
+        if not self.budget.acquire(timeout=RETRY_AFTER_CAP if retry else 0):
             raise BudgetSpent(self.service, f"{self.endpoint}: the {self.budget.name} request budget is spent")
 
     def answered(self, response):

@@ -110,15 +110,16 @@ def test_a_429_holds_the_class_for_its_retry_after():
 @pytest.mark.parametrize("absurd", [-5, 86400, 601])
 def test_an_absurd_retry_after_is_ignored_for_the_backoff(absurd):
     spent, _ = budget()
-    assert spent.throttled(retry_after=absurd) == 1.0
+    assert spent.throttled(retry_after=absurd) == 0.25
 
 
 def test_without_retry_after_the_hold_doubles_per_429_in_a_row_up_to_a_cap_and_resets_after_an_answer():
     spent, _ = budget()
     holds = [spent.throttled() for _ in range(8)]
-    assert holds == [1, 2, 4, 8, 16, 32, BACKOFF_CAP, BACKOFF_CAP]
+    holds += [spent.throttled() for _ in range(3)]
+    assert holds == [0.25, 0.5, 1, 2, 4, 8, 16, 32, BACKOFF_CAP, BACKOFF_CAP, BACKOFF_CAP]
     spent.answered()
-    assert spent.throttled() == 1
+    assert spent.throttled() == 0.25
 
 
 def test_a_429_halves_the_pace_and_the_pace_comes_back_linearly_over_half_a_window():

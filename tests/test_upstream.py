@@ -434,7 +434,7 @@ def test_a_429_slows_its_class_and_an_answer_ends_the_streak(requests_mock):
     upstream, _ = make(budgets=budgets)
     upstream.request("GET", "/v3/items", budget="cws_list")
     assert budgets["cws_list"].per_second < 1.0
-    assert clock.sleeps == [1.0]  # no Retry-After: the budget's first backoff step
+    assert clock.sleeps == [0.25]  # no Retry-After: the budget's first backoff step
     assert not budgets["cws_list"].throttling
 
 
@@ -443,7 +443,7 @@ def test_an_absurd_retry_after_is_ignored(requests_mock):
     requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "999999"}}, {"json": {}}])
     upstream, _ = make(budgets=metered(clock, limit=100))
     upstream.request("GET", "/v3/items", budget="cws_list")
-    assert clock.sleeps == [1.0]
+    assert clock.sleeps == [0.25]
 
 
 def test_429s_beyond_the_retries_surface_as_a_retryable_error(requests_mock):
@@ -457,10 +457,20 @@ def test_429s_beyond_the_retries_surface_as_a_retryable_error(requests_mock):
     assert budgets["cws_list"].throttles == 3 and budgets["cws_list"].throttling
 
 
-def test_a_caller_that_will_not_wait_gets_budget_spent_while_its_class_is_held(requests_mock):
+def test_a_caller_that_will_not_wait_still_waits_out_a_short_hold_before_its_retry(requests_mock):
     clock = Clock()
-    items = requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "30"})
+    requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "3"}}, {"json": {"ok": 1}}])
     upstream, _ = make(budgets=metered(clock, limit=100))
+    assert upstream.request("GET", "/v3/items", budget="cws_list", wait=False) == {"ok": 1}
+    assert clock.sleeps == [3.0]
+
+
+def test_a_caller_that_will_not_wait_gives_up_on_a_long_hold_and_others_are_not_sent_meanwhile(requests_mock):
+    clock = Clock()
+    items = requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "120"})
+    upstream, _ = make(budgets=metered(clock, limit=100))
+    with pytest.raises(BudgetSpent):
+        upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
     with pytest.raises(BudgetSpent):
         upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
     assert items.call_count == 1 and clock.sleeps == []
