@@ -162,13 +162,12 @@ class Budget:
         with self._lock:
             now = self._clock()
             self.throttles += 1
-            self._slowed_to, self._slowed_at = max(MIN_PACE, self._pace(now) * DECREASE), now
+            if now >= self._hold_until:  # 429s during a hold answer requests sent before it: one slow-down for all
+                self._slowed_to, self._slowed_at = max(MIN_PACE, self._pace(now) * DECREASE), now
             self._streak += 1
             if self._streak_since is None:
                 self._streak_since = now
-            hold = _sane(retry_after)
-            if hold is None:
-                hold = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._streak - 1))
+            hold = self._hold(retry_after)
             self._hold_until = max(self._hold_until, now + hold)
             lasted = now - self._streak_since
             alert = lasted >= PERSISTENT and not self._alerted
@@ -178,6 +177,11 @@ class Budget:
         if alert:
             self._raise(lasted)
         return hold
+
+    def _hold(self, retry_after):
+        """Retry-After when it is sane, else an exponential backoff over the 429s in a row."""
+        sane = retry_after is not None and 0 <= retry_after <= RETRY_AFTER_MAX
+        return float(retry_after) if sane else min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._streak - 1))
 
     def answered(self):
         """An answer other than 429: the throttle streak (if any) is over."""
@@ -192,12 +196,6 @@ class Budget:
                 self._alarm(self.name, text)
         except Exception as err:  # the database may be what is failing; the warning above stands
             event(log, "upstream.throttle_alert_failed", level=logging.ERROR, budget=self.name, error=str(err))
-
-
-def _sane(retry_after):
-    if retry_after is None or not 0 <= retry_after <= RETRY_AFTER_MAX:
-        return None
-    return float(retry_after)
 
 
 class Budgets:

@@ -51,7 +51,7 @@ def test_acquire_gives_up_when_no_slot_frees_up_within_its_timeout():
 
 
 def test_an_unmetered_class_is_counted_but_never_held_back():
-    free, clock = Budget(UNMETERED, None), None
+    free = Budget(UNMETERED, None)
     for _ in range(1000):
         assert free.try_acquire()
     assert free.window_use() == (1000, None) and free.per_second is None
@@ -134,6 +134,13 @@ def test_a_429_halves_the_pace_and_the_pace_comes_back_linearly_over_half_a_wind
     assert spent.per_second == 1.0
     clock.now += 1000
     assert spent.per_second == 1.0
+
+
+def test_429s_that_arrive_together_slow_the_class_down_once():
+    spent, clock = budget(limit=100, window=100)
+    for _ in range(8):  # eight writer threads answered 429 at once
+        spent.throttled(retry_after=5)
+    assert spent.per_second == 0.5 and spent.throttles == 8
 
 
 def test_a_slowed_class_lets_fewer_requests_into_its_window():
