@@ -130,6 +130,8 @@ class Budget:
         return min(1.0, self._slowed_to + regained)
 
     def _cap(self, now):
+        # Never 0: a process without a slice of a class (the web's catalogue reads) never calls it, and one that
+        # did by mistake gets one request per window instead of hanging.
         return max(1, math.floor(self.limit * self._pace(now)))
 
     # ---- what callers and metrics read ------------------------------------------------------

@@ -485,13 +485,13 @@ def test_rate_limits_are_off_by_default_but_requests_are_counted_per_class(sim):
         assert get(session, f"/v3/products/{SWITCH}").status_code == 200
     get(session, "/v3/products")
     get(session, "/v3/accounts/current")
-    counts = sim.cws.rate_counts()
+    counts = sim.cws.limits.counts()
     assert counts["requests"] == {"token": 1, "product": 30, "list": 1, "other": 1}
     assert counts["throttled"] == {} and counts["limits"] == {}
 
 
 def test_enforced_limits_answer_429_with_retry_after_beyond_the_window_per_class(sim):
-    sim.cws.enforce_limits({"product": (3, 60.0), "list": (1, 600.0)})
+    sim.cws.limits.enforce({"product": (3, 60.0), "list": (1, 600.0)})
     session = cws(sim)
     answers = [get(session, f"/v3/products/{SWITCH}") for _ in range(5)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
@@ -499,13 +499,13 @@ def test_enforced_limits_answer_429_with_retry_after_beyond_the_window_per_class
     assert answers[3].json()["code"] == 429
     assert get(session, "/v3/products").status_code == 200  # its own window
     assert get(session, "/v3/products").status_code == 429
-    assert sim.cws.rate_counts()["throttled"] == {"product": 2, "list": 1}
+    assert sim.cws.limits.counts()["throttled"] == {"product": 2, "list": 1}
 
 
 def test_the_window_slides(sim):
     now = [100.0]
-    sim.cws.clock = lambda: now[0]
-    sim.cws.enforce_limits({"product": (2, 10.0)})
+    sim.cws.limits.clock = lambda: now[0]
+    sim.cws.limits.enforce({"product": (2, 10.0)})
     session = cws(sim)
     get(session, f"/v3/products/{SWITCH}")
     now[0] += 6
@@ -517,8 +517,8 @@ def test_the_window_slides(sim):
 
 
 def test_the_default_limits_are_those_of_section_5_3_and_retry_after_can_be_left_out(sim):
-    sim.cws.enforce_limits(retry_after=False)
-    assert sim.cws.rate_counts()["limits"] == {"token": [50, 300.0], "list": [400, 600.0], "product": [600, 300.0]}
+    sim.cws.limits.enforce(retry_after=False)
+    assert sim.cws.limits.counts()["limits"] == {"token": [50, 300.0], "list": [400, 600.0], "product": [600, 300.0]}
     for _ in range(50):
         cws_token(sim)
     refused = cws_token(sim)
@@ -541,8 +541,8 @@ def test_limits_can_be_set_through_the_control_route_and_the_constructor(sim):
     assert requests.post(f"{sim.cws_url}/_sim/limits", json=body, timeout=5).json()["limits"] == {
         "product": [1, 300]}
     requests.post(f"{sim.cws_url}/_sim/limits", json={"enforce": False}, timeout=5)
-    assert sim.cws.rate_counts()["limits"] == {}
-    assert FakeCws(rate_limits={"list": (5, 60)}, retry_after=False).rate_counts()["limits"] == {"list": [5, 60]}
+    assert sim.cws.limits.counts()["limits"] == {}
+    assert FakeCws(rate_limits={"list": (5, 60)}, retry_after=False).limits.counts()["limits"] == {"list": [5, 60]}
 
 
 # ---- G2A --------------------------------------------------------------------------------------

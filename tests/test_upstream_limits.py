@@ -32,7 +32,7 @@ def refused(answer):
 
 def test_the_freshness_check_refuses_after_a_silent_stock_out_then_answers_from_the_cache_once_its_budget_is_spent(
         start_bridge, sim):
-    sim.cws.enforce_limits(SCALED)
+    sim.cws.limits.enforce(SCALED)
     web = start_bridge("web", STOCK_MAX_AGE_SECONDS="0", **SCALED_ENV)
     web_share = budgets_for_env(web)["cws_product"].limit
     g2a = web.g2a
@@ -48,7 +48,7 @@ def test_the_freshness_check_refuses_after_a_silent_stock_out_then_answers_from_
     assert inventory_size(cached) == 100 - web_share  # the cache answered
     fallbacks = events(web, "stock.cache_fallback")
     assert len(fallbacks) == 1 and "reason=budget" in fallbacks[0] and SWITCH_CWS in fallbacks[0]
-    counts = sim.cws.rate_counts()
+    counts = sim.cws.limits.counts()
     assert counts["requests"]["product"] == web_share and counts["throttled"] == {}
 
 
@@ -58,7 +58,7 @@ def budgets_for_env(process):
 
 
 def test_web_and_worker_together_stay_within_the_share_of_every_limit_and_get_no_429(start_bridge, sim):
-    sim.cws.enforce_limits(SCALED)
+    sim.cws.limits.enforce(SCALED)
     web = start_bridge("web", STOCK_MAX_AGE_SECONDS="0", **SCALED_ENV)
     start_bridge("worker", SYNC_INTERVAL_SECONDS="1", **SCALED_ENV)
     offers_become(sim, IN_SYNC)
@@ -66,7 +66,7 @@ def test_web_and_worker_together_stay_within_the_share_of_every_limit_and_get_no
     while time.monotonic() < deadline:
         web.g2a.reserve((SWITCH, 1))
         time.sleep(0.2)
-    counts = sim.cws.rate_counts()
+    counts = sim.cws.limits.counts()
     assert counts["throttled"] == {}
     assert counts["requests"]["list"] <= SHARE["list"] and counts["requests"]["list"] >= 10
     assert counts["requests"]["product"] <= SHARE["product"]
@@ -76,13 +76,13 @@ def test_web_and_worker_together_stay_within_the_share_of_every_limit_and_get_no
 def test_a_catalogue_answered_429_for_a_while_is_not_a_sync_failure_and_sync_catches_up(start_bridge, sim):
     worker = start_bridge("worker", SYNC_INTERVAL_SECONDS="1", CWS_RETRY_MAX="0")
     offers_become(sim, IN_SYNC)
-    sim.cws.enforce_limits({}, retry_after=False)  # a throttle without Retry-After: the bridge backs off itself
-    sim.cws.throttle("list", 12)
+    sim.cws.limits.enforce({}, retry_after=False)  # a throttle without Retry-After: the bridge backs off itself
+    sim.cws.limits.throttle("list", 12)
     sim.cws.set_quantity(SWITCH_CWS, 0)  # a silent stock-out while the catalogue cannot be read
     wait_for(lambda: len(events(worker, "sync.throttled")) >= 3, timeout=15, what="three throttled passes")
     offers_become(sim, {**IN_SYNC, SWITCH: (IN_SYNC[SWITCH][0], 0, False)}, timeout=40)
     assert not events(worker, "alert.sync_failing") and not events(worker, "job.failed")
-    assert sim.cws.rate_counts()["throttled"]["list"] >= 3
+    assert sim.cws.limits.counts()["throttled"]["list"] >= 3
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_a_catalogue_throttled_for_minutes_alerts_once_and_sync_catches_up_after
     full_pass, clock = engine
     full_pass(db.utcnow())
     assert offers(sim) == IN_SYNC
-    sim.cws.throttle("list", 3600)
+    sim.cws.limits.throttle("list", 3600)
     sim.cws.set_quantity(SWITCH_CWS, 0)
     started = clock.now
     while clock.now - started < PERSISTENT + 120:  # every pass fails on a 429, none raises SyncFailed
@@ -112,7 +112,7 @@ def test_a_catalogue_throttled_for_minutes_alerts_once_and_sync_catches_up_after
     assert alert.kind == "upstream_throttled" and alert.dedupe_key == "upstream_throttled:cws_list"
     assert alert.text.startswith("CWS GET /v3/products answered 429 for 5 min; budget 360/600 s")
     assert alert.text.endswith("lower CWS_LIST_REQUESTS_PER_10_MIN")
-    sim.cws.throttle("list", 0)
+    sim.cws.limits.throttle("list", 0)
     clock.now += 60  # the last hold
     full_pass(db.utcnow())
     assert offers(sim) == {**IN_SYNC, SWITCH: (IN_SYNC[SWITCH][0], 0, False)}

@@ -3,7 +3,6 @@ codes, balance, postbacks, and /_sim/ control routes for curl users and other pr
 """
 import base64
 import binascii
-import collections
 import hashlib
 import itertools
 import math
@@ -15,10 +14,10 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from time import monotonic
 
 import requests
 
+from .limits import RateLimits
 from .server import BadRequest, FakeApi, HttpError, Reply, Route, to_json
 
 CWS_CLIENT_ID = "ff72ce315d1259e822f47d87d02d261e"
@@ -35,7 +34,6 @@ CODE_LABELS = {"CODE_TEXT": "Text code", "CODE_IMAGE": "Image code",
 CENT = Decimal("0.01")
 # cws.md §5.3: requests per window (seconds) by rate class, as CWS support reportedly enforces them.
 SECTION_5_3 = {"token": (50, 300.0), "list": (400, 600.0), "product": (600, 300.0)}
-RATE_CLASSES = ("token", "list", "product", "other")
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 
@@ -94,6 +92,19 @@ def parse_bound(text, end):
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def cws_rate_class(request):
+    """The §5.3 class a request counts against (None for /_sim/ control calls)."""
+    if request.path.startswith("/_sim/"):
+        return None
+    if (request.method, request.path) == ("POST", "/oauth/token"):
+        return "token"
+    if request.method == "GET" and request.path.rstrip("/") == "/v3/products":
+        return "list"
+    if request.method == "GET" and request.path.count("/") == 3 and request.path.startswith("/v3/products/"):
+        return "product"
+    return "other"
+
+
 @dataclass
 class _Product:
     product_id: str
@@ -141,15 +152,16 @@ class FakeCws(FakeApi):
 
     Knobs: token_ttl, token_shape ("oauth"/"spring"), page_size, balance, delay, hang_seconds, now (a
     clock returning an aware datetime: token expiry and createdOn), per-product fulfilment modes (MODES),
-    fail_next faults, rate limits (off unless enforce_limits() or rate_limits= turns them on; throttle() answers
-    429 to a class for a while; rate_counts() counts requests and 429s per class). Choices where CWS is undocumented: an order with pre-order placeholders is
+    fail_next faults, rate limits per class token/list/product/other (`limits`, limits.py: off unless
+    rate_limits= or limits.enforce() turns them on; limits.throttle() answers 429 to a class for a while;
+    limits.counts() counts requests and 429s per class). Choices where CWS is undocumented: an order with pre-order placeholders is
     "Completed" (only codeType tells); "fail" stores a Cancelled order without charging; a repeated
     client orderId makes a new order; GET /v3/orders/{clientOrderId} is 404; codes 40000 (bad request),
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
     """
 
     def __init__(self, rate_limits=None, retry_after=True):
-        self._init_rate_limits(rate_limits, retry_after)
+        self.limits = RateLimits(rate_limits, retry_after, defaults=SECTION_5_3)
         self.token_ttl = 3600
         self.token_shape = "oauth"
         self.page_size = 100
@@ -163,10 +175,6 @@ class FakeCws(FakeApi):
         self._codes = {}
         self._serial = itertools.count(100001)
         super().__init__()
-
-    def handle(self, request):
-        limited = self._rate_limited(request)
-        return self._encode(limited) if limited is not None else super().handle(request)
 
     def routes(self):
         return [
@@ -184,8 +192,8 @@ class FakeCws(FakeApi):
             Route("POST", "/_sim/orders/{id}/complete", self._control_complete),
             Route("GET", "/_sim/orders", lambda request: {"items": self.orders}),
             Route("POST", "/_sim/faults", self._control_faults),
-            Route("POST", "/_sim/limits", self._control_limits),
-            Route("GET", "/_sim/limits", lambda request: self.rate_counts()),
+            Route("POST", "/_sim/limits", lambda request: self.limits.control(request.json())),
+            Route("GET", "/_sim/limits", lambda request: self.limits.counts()),
         ]
 
     def error_body(self, status, message):
@@ -259,86 +267,13 @@ class FakeCws(FakeApi):
 
     # ---- rate limits (cws.md §5.3) -----------------------------------------------------------
 
-    def _init_rate_limits(self, rate_limits, retry_after):
-        self.rate_limits = dict(rate_limits or {})  # class -> (requests, window seconds); empty: not enforced
-        self.retry_after = retry_after  # send a Retry-After header with each 429
-        self.clock = monotonic
-        self._throttled_until = {}  # class -> clock time until which every request of it is answered 429
-        self._accepted = collections.defaultdict(collections.deque)  # class -> times of the requests let through
-        self.class_requests, self.class_429s = collections.Counter(), collections.Counter()
-
-    def enforce_limits(self, limits=None, retry_after=True):
-        """Answer 429 beyond `limits` ({class: (requests, window seconds)}, default §5.3) in any sliding window."""
-        with self._lock:
-            self.rate_limits, self.retry_after = dict(SECTION_5_3 if limits is None else limits), retry_after
-
-    def throttle(self, rate_class, seconds):
-        """Answer 429 to every request of `rate_class` for the next `seconds` (a CWS that throttles for a while)."""
-        with self._lock:
-            self._throttled_until[rate_class] = self.clock() + seconds
-
-    def rate_counts(self):
-        """Requests and 429s per rate class since the start, and the limits in force."""
-        with self._lock:
-            return {"requests": dict(self.class_requests), "throttled": dict(self.class_429s),
-                    "limits": {name: list(limit) for name, limit in self.rate_limits.items()},
-                    "retry_after": self.retry_after}
-
-    @staticmethod
-    def rate_class(request):
-        if request.path.startswith("/_sim/"):
-            return None
-        if (request.method, request.path) == ("POST", "/oauth/token"):
-            return "token"
-        if request.method == "GET" and request.path.rstrip("/") == "/v3/products":
-            return "list"
-        if request.method == "GET" and request.path.count("/") == 3 and request.path.startswith("/v3/products/"):
-            return "product"
-        return "other"
-
-    def _rate_limited(self, request):
-        """A 429 Reply when the request's class is over its limit or throttled, else None (the request counts)."""
-        rate_class = self.rate_class(request)
-        if rate_class is None:
-            return None
-        with self._lock:
-            self.class_requests[rate_class] += 1
-            wait = self._rate_wait(rate_class, self.clock())
-            if wait <= 0:
-                return None
-            self.class_429s[rate_class] += 1
-        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.retry_after else {}
-        return Reply(429, cws_error(429, 429, "Too many requests").body, headers=headers)
-
-    def _rate_wait(self, rate_class, now):
-        """0 when the request may pass (it is recorded), else seconds until one of its class may."""
-        throttled = self._throttled_until.get(rate_class, 0.0) - now
-        if throttled > 0:
-            return throttled
-        if rate_class not in self.rate_limits:
-            return 0
-        limit, window = self.rate_limits[rate_class]
-        accepted = self._accepted[rate_class]
-        while accepted and accepted[0] <= now - window:
-            accepted.popleft()
-        if len(accepted) >= limit:
-            return accepted[0] + window - now
-        accepted.append(now)
-        return 0
-
-    def _control_limits(self, request):
-        """{"enforce": true (§5.3) | false | {class: [requests, seconds]}, "retry_after": bool,
-        "throttle": {class: seconds}}; answers rate_counts()."""
-        body = request.json()
-        enforce = body.get("enforce")
-        if enforce is True:
-            self.enforce_limits(None, body.get("retry_after", True))
-        elif enforce is not None:
-            self.enforce_limits({name: tuple(limit) for name, limit in (enforce or {}).items()},
-                                body.get("retry_after", True))
-        for rate_class, seconds in body.get("throttle", {}).items():
-            self.throttle(rate_class, float(seconds))
-        return self.rate_counts()
+    def handle(self, request):
+        rate_class = cws_rate_class(request)
+        wait = 0 if rate_class is None else self.limits.admit(rate_class)
+        if wait <= 0:
+            return super().handle(request)
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.limits.retry_after else {}
+        return self._encode(Reply(429, cws_error(429, 429, "Too many requests").body, headers=headers))
 
     # ---- auth -------------------------------------------------------------------------------
 
