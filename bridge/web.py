@@ -11,6 +11,7 @@ import waitress
 
 from . import alerts, db, postbacks
 from .auth import CONTRACT, METRICS, FailureBrake, TokenStore, delete_unconfigured_tokens
+from .budget import budgets_for
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
 from .crypto import open_key_box
 from .cws import CwsClient
@@ -161,8 +162,9 @@ def create_app(settings, cws=None, metrics=None):
         event(log, "auth.tokens_revoked", count=revoked, reason="their client pair is no longer configured")
     pause = PauseSwitch(settings.service_enabled)
     metrics = metrics or Metrics("web")
-    cws = cws or CwsClient(settings, observer=metrics.upstream)
+    cws = cws or CwsClient(settings, budgets=budgets_for(settings, "web"), observer=metrics.upstream)
     metrics.watch_tokens(cws=cws)
+    metrics.watch_budgets(cws.budgets)
     refresher = StockRefresher(cws, settings.stock_max_age)
     orders = Fulfilment(settings, cws, open_key_box(settings))
     reservations = Reservations(settings, refresher, pause, observer=metrics.reservation)
