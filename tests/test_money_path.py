@@ -151,7 +151,8 @@ def test_a_currency_other_than_eur_stops_every_command_before_it_prices_anything
 
 # --- re-send grace and history: an order CWS took is never bought again ----------------------------
 
-QUICK_GRACE = {"CWS_TIMEOUT_MS": "300", "CWS_RESEND_GRACE_SECONDS": "2"}  # grace max(2, 6 x 0.3) = 2 s
+QUICK_GRACE = {"CWS_TIMEOUT_MS": "300", "CWS_RESEND_GRACE_SECONDS": "2",  # grace max(2, 6 x 0.3) = 2 s
+               "ORDER_INLINE_WAIT_SECONDS": "1"}  # the worker checks a claim 6 s after it
 
 
 def test_a_purchase_cws_never_took_is_sent_again_after_cws_resend_grace_seconds(start_bridge, sim):
@@ -203,7 +204,7 @@ def stuck_figures(env):
 
 def test_a_claim_cws_took_but_whose_history_is_unreadable_is_alerted_shown_and_resolved_by_retry(
         start_bridge, bridge_env, sim, fresh_db):
-    env = {**QUICK_GRACE, "ORDER_INLINE_WAIT_SECONDS": "1"}
+    env = QUICK_GRACE
     web = start_bridge("web", **env)
     worker = start_bridge("worker", **env)
     sim.cws.set_fulfilment(SWITCH_CWS, "commit_then_500")  # CWS stores the purchase and answers 500...
