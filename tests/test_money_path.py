@@ -126,7 +126,7 @@ def test_an_order_cws_refuses_gives_its_pooled_key_back_and_the_next_order_uses_
 
 # --- 5. no sales the CWS balance cannot pay for ----------------------------------------------------
 
-def test_after_cws_refuses_a_purchase_for_balance_nothing_more_is_reserved_and_the_offer_goes_to_stock_0(
+def test_after_cws_refuses_a_purchase_for_balance_the_offer_goes_to_stock_0_until_the_balance_is_back(
         shop, sim, fresh_db):
     eventually(lambda: (sim.g2a.offer_for_product(SKYLINES) or {}).get("active"), timeout=20)
     sim.cws.balance = Decimal("0.00")
@@ -137,6 +137,9 @@ def test_after_cws_refuses_a_purchase_for_balance_nothing_more_is_reserved_and_t
     assert answer.status_code == 400 and answer.json()["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
     offer = eventually(lambda: (o := sim.g2a.offer_for_product(SKYLINES)) and not o["active"] and o, timeout=20)
     assert offer["inventory"]["size"] == 0
+    sim.cws.balance = Decimal("1000.00")  # topped up: the worker reads a low balance again every 30 s
+    offer = eventually(lambda: (o := sim.g2a.offer_for_product(SKYLINES)) and o["active"] and o, timeout=60)
+    assert offer["inventory"]["size"] > 0 and shop.g2a.reserve((SKYLINES, 1)).status_code == 200
 
 
 # --- 4. CWS_TARGET_CURRENCY is not a label: anything but EUR is refused -----------------------------
