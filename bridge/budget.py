@@ -118,6 +118,13 @@ class Budget:
             self.requests += 1
             return 0
 
+    def give_back(self):
+        """Return the newest slot: its attempt got no answer at all (refused, dropped, timed out), so the upstream's
+        meter most likely never counted it, and an outage must not leave the class spent once the upstream is back."""
+        with self._lock:
+            if self._sent:
+                self._sent.pop()
+
     def _prune(self, now):
         while self._sent and self._sent[0] <= now - self.window:
             self._sent.popleft()

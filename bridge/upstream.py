@@ -104,6 +104,8 @@ class Upstream:
             except BudgetSpent:
                 raise
             except UpstreamError as err:
+                if response is None:
+                    spend.unanswered()
                 if not (idempotent and err.retryable and retries < self.retry_max):
                     raise
                 retries += 1
@@ -187,21 +189,28 @@ class _Spender:
     def __init__(self, service, budget, wait, endpoint):
         self.service, self.budget, self.wait, self.endpoint = service, budget, wait, endpoint
         self._hold = None
+        self._taken = False  # a slot is held for an attempt that has not been answered yet
 
     def take(self, retry):
         """A slot for the next attempt. A caller that will not wait still waits out the short hold a 429 puts on a
         retry (at most RETRY_AFTER_CAP): it was already sent once, and giving up would waste that."""
         if self.budget is None:
             return
+        if not self.wait and not self.budget.acquire(timeout=RETRY_AFTER_CAP if retry else 0):
+            raise BudgetSpent(self.service, f"{self.endpoint}: the {self.budget.name} request budget is spent")
         if self.wait:
             self.budget.acquire()
-            return
-        if not self.budget.acquire(timeout=RETRY_AFTER_CAP if retry else 0):
-            raise BudgetSpent(self.service, f"{self.endpoint}: the {self.budget.name} request budget is spent")
+        self._taken = True
+
+    def unanswered(self):
+        """The attempt got no HTTP answer (or never went out): its slot goes back to the budget."""
+        if self._taken:
+            self.budget.give_back()
+            self._taken = False
 
     def answered(self, response):
         """Tell the budget how the upstream answered: a 429 slows the class and holds it for a while."""
-        self._hold = None
+        self._hold, self._taken = None, False
         if self.budget is None:
             return
         if response.status_code == 429:

@@ -398,6 +398,20 @@ def test_each_attempt_spends_the_budget_of_the_class_named_by_the_call_retries_i
     assert budgets["cws_list"].requests == 3
 
 
+def test_attempts_that_got_no_answer_give_their_slot_back_so_an_outage_leaves_the_class_unspent(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"exc": refused()}, {"exc": requests.ConnectionError("dropped")},
+                              {"exc": requests.ReadTimeout("black hole")}, {"json": {"ok": 1}}])
+    budgets = metered(clock, limit=1)
+    upstream, _ = make(budgets=budgets, retry_max=0)
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            upstream.request("GET", "/v3/items", budget="cws_list")
+    assert budgets["cws_list"].window_use()[0] == 0
+    assert upstream.request("GET", "/v3/items", budget="cws_list") == {"ok": 1}
+    assert clock.sleeps == [] and budgets["cws_list"].window_use()[0] == 1
+
+
 def test_a_call_without_a_class_is_not_metered(requests_mock):
     clock = Clock()
     requests_mock.get(ITEMS, json={})
