@@ -7,7 +7,7 @@ import pytest
 
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
-    0: {"errors", "log", "config", "db", "migrations"},
+    0: {"errors", "log", "config", "db", "writelock", "migrations"},
     1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
