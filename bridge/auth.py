@@ -57,6 +57,15 @@ class TokenStore:
                            expires_at=now + timedelta(seconds=TOKEN_LIFETIME))
         return token, TOKEN_LIFETIME
 
+    def known(self, authorization, now):
+        """True when `authorization` is `Bearer <a token this process already checked>` not expired at `now`
+        (epoch seconds); never asks the database (G2A's /healthcheck probe). False says nothing: check() decides."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        expires = self._known.get(token_hash(token.strip()))
+        return expires is not None and expires > now
+
     def check(self, authorization, now):
         """Accept `Bearer <token we issued>` or Basic with a configured pair; raise AUTH01/AUTH02 otherwise."""
         if not authorization:
@@ -79,11 +88,14 @@ class TokenStore:
             if row is None:
                 return False
             expires = row.expires_at.timestamp()
-            with self._lock:
-                if len(self._known) >= _CACHE_LIMIT:
-                    self._known.clear()
-                self._known[digest] = expires
+            self._remember(digest, expires)
         return expires > now.timestamp()
+
+    def _remember(self, digest, expires):
+        with self._lock:
+            if len(self._known) >= _CACHE_LIMIT:
+                self._known.clear()
+            self._known[digest] = expires
 
 
 def delete_expired_tokens(now):
@@ -99,10 +111,14 @@ class FailureBrake:
         self._lock = threading.Lock()
 
     def check(self, ip):
-        with self._lock:
-            recent = self._recent(ip)
-        if len(recent) >= self.limit:
+        if self.braked(ip):
             raise ContractError(429, "AUTH03", "too many failed authentication attempts; try again later")
+
+    def braked(self, ip):
+        if ip not in self._failures:  # the usual case, decided without the lock
+            return False
+        with self._lock:
+            return len(self._recent(ip)) >= self.limit
 
     def failed(self, ip):
         with self._lock:
