@@ -8,9 +8,8 @@ import time
 import uuid
 
 import bottle
-import waitress
 
-from . import alerts, db, postbacks
+from . import alerts, db, httpserver, postbacks
 from .auth import FailureBrake, TokenStore
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
 from .crypto import load_key_box
@@ -377,7 +376,7 @@ def watch_mapping(settings, stop, interval=2.0):
 def serve(settings, app, metrics=None):
     """Run Waitress until the process is stopped; `metrics` should be the object create_app() was given."""
     event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
-    waitress.serve(AccessLog(app, metrics), host=settings.host, port=settings.port, threads=settings.web_threads,
-                   ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4, channel_timeout=30,
-                   trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
-                   clear_untrusted_proxy_headers=True)
+    httpserver.serve(AccessLog(app, metrics), host=settings.host, port=settings.port,
+                     threads=settings.web_threads, ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4,
+                     channel_timeout=30, trusted_proxy="127.0.0.1", trusted_proxy_count=1,
+                     trusted_proxy_headers={"x-forwarded-for"}, clear_untrusted_proxy_headers=True)

@@ -1,5 +1,6 @@
 """GET /healthcheck, G2A's liveness probe, on the fastest path: a token this process already checked is answered
 without the database or Bottle, and counted; everything else still takes the route and its errors."""
+import http.client
 import json
 import wsgiref.util
 from urllib.parse import urlencode
@@ -76,3 +77,20 @@ def test_a_braked_caller_waits_even_with_a_known_token(served):
         call(app, "/oauth/token", urlencode({"client_id": OUR_ID, "client_secret": "guess"}))
     status, _, body = call(app, "/healthcheck", authorization=token)
     assert status == 429 and b'"AUTH03"' in body
+
+
+def test_the_connection_stays_open_after_a_healthcheck(web):
+    """Waitress closes after every 204 unless told otherwise; G2A's probe would pay a new connection each time."""
+    host, port = web.base_url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    answers = []
+    for _ in range(3):
+        conn.request("GET", "/healthcheck", headers={"Authorization": f"Bearer {web.token()}"})
+        answer = conn.getresponse()
+        answer.read()
+        answers.append((answer.status, answer.getheader("Connection"), conn.sock))
+    assert [status for status, _, _ in answers] == [204] * 3
+    assert all(connection is None for _, connection, _ in answers)
+    assert len({id(sock) for _, _, sock in answers}) == 1
+    conn.request("GET", "/healthcheck", headers={"Authorization": f"Bearer {web.token()}", "Connection": "close"})
+    assert conn.getresponse().getheader("Connection") == "close"  # asked to close: closed
