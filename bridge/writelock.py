@@ -14,14 +14,14 @@ class WriterLock:
     def __init__(self, path=None):
         self.path = path
         self._mutex = threading.RLock()
-        self._depth = 0  # only the thread holding the mutex reads or writes it
-        self._fd, self._fd_pid = None, None
+        self._depth = 0  # only the thread holding the mutex reads or writes these two
+        self._fd = None
 
     def __enter__(self):
         self._mutex.acquire()
         try:
             if self._depth == 0 and self.path is not None:
-                fcntl.flock(self._file(), fcntl.LOCK_EX)
+                self._fd = self._locked_file()
         except BaseException:
             self._mutex.release()
             raise
@@ -31,16 +31,20 @@ class WriterLock:
     def __exit__(self, *exc):
         self._depth -= 1
         try:
-            if self._depth == 0 and self.path is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._depth == 0 and self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)  # closing the file releases its flock
         finally:
             self._mutex.release()
 
-    def _file(self):
-        # flock belongs to the open file description: a forked child must open its own, or it would share the
-        # parent's lock instead of waiting for it. Read-only is enough for flock, and lets a lock file created
-        # by another user (an operator's CLI run) still be used.
-        if self._fd_pid != os.getpid():
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            self._fd_pid = os.getpid()
-        return self._fd
+    def _locked_file(self):
+        # Opened per hold (a few microseconds beside a commit): nothing stays open, and a forked child never
+        # shares its parent's open file, which would share the lock instead of waiting for it. Read-only is
+        # enough for flock, and works on a lock file another user (an operator's CLI run) created.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
