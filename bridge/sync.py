@@ -18,7 +18,7 @@ from .pricing import decide_price
 
 log = logging.getLogger(__name__)
 
-WRITERS = 8  # PATCHes in flight at once; the shared RequestBudget still caps the rate
+WRITERS = 8  # PATCHes in flight at once; the g2a request budget (budget.py) still caps the rate
 REQUESTS_PER_WRITE = 3  # a PATCH and about two job polls
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction

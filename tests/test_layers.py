@@ -8,10 +8,10 @@ import pytest
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
     0: {"errors", "log", "config", "db", "writelock", "migrations"},
-    1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
+    1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
-        "refresh", "doctor", "status", "metrics"},
+        "refresh", "doctor", "status", "metrics", "report"},
     3: {"web", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},
 }
 SIMULATOR = "sim"  # the package bridge/sim/: a side module, imported only by entry points
