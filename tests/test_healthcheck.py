@@ -3,11 +3,14 @@ without the database or Bottle, and counted; everything else still takes the rou
 import http.client
 import json
 import wsgiref.util
+from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 import pytest
 
 from bridge import db, migrations, web
+from bridge.auth import CONTRACT, METRICS, TOKEN_LIFETIME, TokenStore
+from bridge.config import Settings
 from bridge.metrics import Metrics
 from conftest import OUR_ID, OUR_SECRET
 
@@ -94,3 +97,18 @@ def test_the_connection_stays_open_after_a_healthcheck(web):
     assert len({id(sock) for _, _, sock in answers}) == 1
     conn.request("GET", "/healthcheck", headers={"Authorization": f"Bearer {web.token()}", "Connection": "close"})
     assert conn.getresponse().getheader("Connection") == "close"  # asked to close: closed
+
+
+def test_only_a_contract_token_takes_the_fast_path(database):
+    """A scraper's token (METRICS_CLIENTS) opens /metrics, not /healthcheck: the route answers it 403."""
+    settings = Settings(our_client_id="g2a-id", our_client_secret="g2a-secret-0123456789",
+                        metrics_clients=(("scraper-id", "scraper-secret-0123456789"),))
+    store, now = TokenStore(settings), datetime.now(timezone.utc)
+    g2a, _ = store.issue("g2a-id", "g2a-secret-0123456789", now)
+    scraper, _ = store.issue("scraper-id", "scraper-secret-0123456789", now)
+    assert not store.known(f"Bearer {g2a}", now.timestamp())  # not checked yet: the route reads it once
+    for token in (g2a, scraper):
+        store.check(f"Bearer {token}", now, (CONTRACT, METRICS))
+    assert store.known(f"Bearer {g2a}", now.timestamp())
+    assert not store.known(f"Bearer {scraper}", now.timestamp())
+    assert not store.known(f"Bearer {g2a}", now.timestamp() + TOKEN_LIFETIME + 1)
