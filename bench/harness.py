@@ -111,7 +111,9 @@ def start(command, env, folder, log_name=None):
 
 def start_bare(port, database):
     """bench/bare_app.py (Bottle + Waitress + one SQLite insert per request), the yardstick, ready to serve."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_app.py")), str(port), str(database)])
+    log = open(Path(database).with_suffix(".log"), "ab")  # Waitress's "Task queue depth" warnings go there
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_app.py")), str(port), str(database)],
+                            stdout=log, stderr=subprocess.STDOUT)
     wait_ready(f"http://127.0.0.1:{port}", proc)
     return proc
 
