@@ -72,18 +72,23 @@ class Bench:
         """/healthcheck and POST /reservation on one web (worker stopped) and the same on the bare app."""
         self.worker(False)
         self.webs(1)
-        g2a_id = self.products.hot[0][0]
-        body = json.dumps([{"product_id": g2a_id, "quantity": 1}])
+        # Spread over the hot products, as G2A's buyers are: every reservation of a product adds to the stock
+        # sum its next one reads (until ordered, released or expired), which the bare app has no equivalent of.
+        body = [json.dumps([{"product_id": g2a_id, "quantity": 1}]) for g2a_id, _, _ in self.products.hot]
         bearer = {"Authorization": f"Bearer {token}"}
         as_json = {"Content-Type": "application/json"}
         self.single["bridge GET /healthcheck"] = self.hammer(self.ports[0], "GET", "/healthcheck", bearer, None)
         self.single["bridge POST /reservation"] = self.hammer(self.ports[0], "POST", "/reservation",
                                                               {**bearer, **as_json}, body)
         self.webs(0)
-        port = harness.free_port()
-        self.procs["bare"] = harness.start_bare(port, self.folder / "bare.db")
-        self.single["bare GET /health"] = self.hammer(port, "GET", "/health", {}, None)
-        self.single["bare POST /reservation"] = self.hammer(port, "POST", "/reservation", as_json, body)
+        for insert in ("sqlite3", "peewee"):
+            port = harness.free_port()
+            self.procs["bare"] = harness.start_bare(port, self.folder / f"bare-{insert}.db", insert)
+            if insert == "sqlite3":
+                self.single["bare GET /health"] = self.hammer(port, "GET", "/health", {}, None)
+            self.single[f"bare POST /reservation ({insert})"] = self.hammer(port, "POST", "/reservation", as_json,
+                                                                           body)
+            harness.stop({"bare": self.procs.pop("bare")})
 
     def hammer(self, port, method, path, headers, body):
         return load.hammer(port, method, path, headers, body, self.args.single_seconds, self.args.connections,
@@ -110,9 +115,9 @@ def report(bench):
         print(f"{name:26} {f['rate']:8.0f} {f['passes']:6} {f['5xx']:4}  "
               f"{f['p50']['POST /reservation']:8.1f} /{f['p99']['POST /reservation']:8.1f}  "
               f"{f['p50'].get('POST /order', 0):7.1f} /{f['p99'].get('POST /order', 0):7.1f}")
-    print(f"\n{'single route (' + load.tool() + ')':32} {'req/s':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    print(f"\n{'single route (' + load.tool() + ')':38} {'req/s':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, (rate, p99, non2xx) in bench.single.items():
-        print(f"{name:32} {rate:8.0f} {p99:8.1f} {non2xx:8}")
+        print(f"{name:38} {rate:8.0f} {p99:8.1f} {non2xx:8}")
     checks = goals(bench.mixed, bench.single, bench.locked())
     print()
     for text, ok in checks:
@@ -128,7 +133,8 @@ def goals(mixed, single, locked):
     two = p99("two webs") / p99("one web")
     two_busy = p99("two webs + busy worker") / p99("one web + busy worker")
     health = single["bridge GET /healthcheck"][0] / single["bare GET /health"][0]
-    reserve = single["bridge POST /reservation"][0] / single["bare POST /reservation"][0]
+    reserve = single["bridge POST /reservation"][0] / single["bare POST /reservation (sqlite3)"][0]
+    reserve_peewee = single["bridge POST /reservation"][0] / single["bare POST /reservation (peewee)"][0]
     fives = sum(f["5xx"] for f in mixed.values()) + sum(non2xx for _, _, non2xx in single.values())
     return [
         (f"busy worker: reservation p99 {busy:.2f}x web alone (goal <= 3)", busy <= 3),
@@ -141,7 +147,8 @@ def goals(mixed, single, locked):
          f"(goal >= 1)", mixed["two webs"]["rate"] >= mixed["one web"]["rate"]
          and mixed["two webs + busy worker"]["rate"] >= mixed["one web + busy worker"]["rate"]),
         (f"/healthcheck {health:.2f}x bare /health (goal >= 0.8)", health >= 0.8),
-        (f"POST /reservation {reserve:.2f}x bare app (goal >= 0.85)", reserve >= 0.85),
+        (f"POST /reservation {reserve:.2f}x the bare app's sqlite3 insert, {reserve_peewee:.2f}x its peewee insert "
+         "(goal >= 0.85)", reserve >= 0.85),
         (f'"database is locked" {locked}, 5xx or non-2xx on single routes {fives} (goal 0)', not locked and not fives),
     ]
 

@@ -15,14 +15,19 @@ def tool():
 
 
 def hammer(port, method, path, headers, body, seconds, connections, folder):
+    """`body`: None, one body, or a list of bodies sent in turn."""
+    bodies = body if isinstance(body, list) else [body]
     run = _wrk if tool() == "wrk" else _python
-    return run(port, method, path, headers, body, seconds, connections, folder)
+    return run(port, method, path, headers, bodies, seconds, connections, folder)
 
 
-def _wrk(port, method, path, headers, body, seconds, connections, folder):
+def _wrk(port, method, path, headers, bodies, seconds, connections, folder):
     script = folder / "load.lua"
-    lines = [f'wrk.method = "{method}"'] + ([f"wrk.body = {json.dumps(body)}"] if body else [])
-    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    lines = [f'wrk.method = "{method}"'] + [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    if bodies != [None]:
+        lines += ["bodies = {" + ", ".join(json.dumps(body) for body in bodies) + "}", "turn = 0",
+                  "request = function()", "  turn = turn % #bodies + 1",
+                  "  return wrk.format(nil, nil, nil, bodies[turn])", "end"]
     script.write_text("\n".join(lines) + "\n")
     out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s",
                           "--latency", "-s", str(script), f"http://127.0.0.1:{port}{path}"],
@@ -38,14 +43,14 @@ def _ms(text):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def _python(port, method, path, headers, body, seconds, connections, folder):
+def _python(port, method, path, headers, bodies, seconds, connections, folder):
     latencies, errors, stop_at = [], [0], time.monotonic() + seconds
 
     def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn, turn = http.client.HTTPConnection("127.0.0.1", port), 0
         while time.monotonic() < stop_at:
-            started = time.perf_counter()
-            conn.request(method, path, body, headers)
+            started, turn = time.perf_counter(), turn + 1
+            conn.request(method, path, bodies[turn % len(bodies)], headers)
             answer = conn.getresponse()
             answer.read()
             latencies.append(time.perf_counter() - started)
