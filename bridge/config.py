@@ -226,7 +226,7 @@ class _Reader:
             stock_max_age=self.number("STOCK_MAX_AGE_SECONDS", 5, float, minimum=0),
             default_fixed_profit=self.number("DEFAULT_FIXED_PROFIT", "0.50", Decimal, minimum=0),
             default_fee=self.number("DEFAULT_G2A_FEE_PERCENTAGE", "0.15", Decimal, minimum=0, below=1),
-            currency=self.raw("CWS_TARGET_CURRENCY", "EUR").upper(),
+            currency=self.currency(),
             reservation_ttl=self.number("RESERVATION_TTL_MINUTES", 30, float, minimum=0.001) * 60,
             order_inline_wait=self.number("ORDER_INLINE_WAIT_SECONDS", 5, float, minimum=0),
             cws_poll_max=self.number("CWS_POLL_MAX_SECONDS", 420, float, minimum=1),
@@ -235,6 +235,17 @@ class _Reader:
             log_level=self.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
             log_format=self.choice("LOG_FORMAT", "text", ("text", "json")),
         )
+
+    def currency(self):
+        # CWS prices carry no currency (cws.md 7.11) and G2A prices offers in EUR: another value could only
+        # relabel EUR figures, and an account billed in another currency would sell every key at the wrong price.
+        value = self.raw("CWS_TARGET_CURRENCY", "EUR").upper()
+        if value != "EUR":
+            self.problem("CWS_TARGET_CURRENCY", f"only EUR is supported, got {value!r}: CWS prices carry no currency "
+                                                "and G2A offers are priced in EUR, so the bridge cannot convert; "
+                                                "use a CWS account billed in EUR")
+            return "EUR"
+        return value
 
     def database_url(self):
         value = self.raw("DATABASE_URL", "sqlite:///data/bridge.db")

@@ -24,6 +24,7 @@ PREORDER_TYPES = ("CODE_PREORDER", "PRE_ORDER")
 KNOWN_STATUSES = ("completed", "fulfilling")
 FAILED_WORDS = ("cancel", "fail", "reject")
 CENT = Decimal("0.01")
+MAX_HISTORY_PAGES = 100
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,14 @@ class CwsClient:
             raise
         return _product(body)
 
-    def place_order(self, client_order_id, lines, allow_preorder):
-        """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead)."""
+    def place_order(self, client_order_id, lines, allow_preorder, before_send=None):
+        """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead).
+
+        `before_send()` runs before each POST goes out (the first, and the one re-send after a 401)."""
         body = {"allowPreOrder": bool(allow_preorder), "orderId": client_order_id,
                 "products": [_order_line(*line) for line in lines]}
-        answer = self._upstream.request("POST", "/v3/orders", budget=UNMETERED, json_body=body, idempotent=False)
+        answer = self._upstream.request("POST", "/v3/orders", budget=UNMETERED, json_body=body, idempotent=False,
+                                        before_send=before_send)
         try:
             return _order(answer)
         except UpstreamError as err:  # CWS accepted something we cannot read: recover by client order id
@@ -181,11 +185,30 @@ class CwsClient:
         day = around.astimezone(datetime.timezone.utc).date()
         one_day = datetime.timedelta(days=1)
         params = {"startFrom": (day - one_day).isoformat(), "endOn": (day + one_day).isoformat()}
-        body = self._upstream.request("GET", "/v3/orders", budget="cws_other", params=params)
-        items = body if isinstance(body, list) else _list(body, "items", "order history", default=[])
         # Filter before parsing, so one odd unrelated item cannot block crash recovery.
-        return [_order(item) for item in items
+        return [_order(item) for item in self._history(params)
                 if isinstance(item, dict) and item.get("clientOrderId") == client_order_id]
+
+    def _history(self, params):
+        """Every history item, page after page: an order on page 2 that we missed would be bought again.
+
+        cws.md 7.5 leaves paging unknown, so both usual shapes are followed: `continuationToken` (as the
+        catalogue pages) and a page number (`page` with `totalPages`, or `last`). Anything that cannot be paged
+        to the end is an error, never a short list (recovery would then buy again)."""
+        seen, extra = set(), {}
+        for _ in range(MAX_HISTORY_PAGES):
+            body = self._upstream.request("GET", "/v3/orders", budget="cws_other", params={**params, **extra})
+            if isinstance(body, list):
+                yield from body
+                return
+            yield from _list(body, "items", "order history", default=[])
+            extra = _next_history_page(body)
+            if extra is None:
+                return
+            if repr(extra) in seen:
+                raise UpstreamError("cws", "order history paging repeated itself; history incomplete")
+            seen.add(repr(extra))
+        raise UpstreamError("cws", f"order history has more than {MAX_HISTORY_PAGES} pages; history incomplete")
 
     def code(self, code_id):
         return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}", UNMETERED), f"code {code_id}")
@@ -199,6 +222,17 @@ class CwsClient:
 
     def _get(self, path, endpoint, budget, wait=True):
         return self._upstream.request("GET", path, budget=budget, wait=wait, endpoint=endpoint)
+
+
+def _next_history_page(body):
+    """The parameters of the next history page, or None after the last one."""
+    token = body.get("continuationToken")
+    if token:
+        return {"continuationToken": token}
+    page, pages = body.get("page", body.get("number")), body.get("totalPages")
+    if isinstance(page, int) and (isinstance(pages, int) and page + 1 < pages or body.get("last") is False):
+        return {"page": page + 1}
+    return None
 
 
 def _order_line(product_id, quantity, max_unit_price):

@@ -135,6 +135,7 @@ class ReservationLine(BaseModel):
     cws_product_id = CharField(max_length=64)
     quantity = IntegerField()
     unit_price = MoneyField(null=True)  # what the buyer pays per unit (G2A's additional_data.unit_price)
+    offer_price = MoneyField(null=True)  # our G2A offer price when reserved: the sale price when G2A sends none
     active = BooleanField(default=True)
     expires_at = UtcDateTimeField()
 
@@ -173,6 +174,7 @@ class OrderItem(BaseModel):
     kind = CharField(default="text", max_length=8)  # text / file / account
     state = CharField(default="pending", index=True, max_length=16)  # pending / delivered / returned
     cws_code_id = CharField(null=True, unique=True, max_length=64)
+    preorder_code_id = CharField(null=True, index=True, max_length=64)  # CWS's placeholder, for PREORDER postbacks
     secret = TextField(null=True)  # encrypted: the key, the file bytes or the account JSON
     file_name = CharField(null=True)
     mime_type = CharField(null=True, max_length=64)

@@ -188,6 +188,8 @@ def database_families(settings, now):
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
         _alerts(),
+        _labelled_gauge("orders_stuck", "Paid orders stuck past their deadline, by kind (g2a-bridge status says "
+                        "what resolves each)", "kind", {name: line["count"] for name, line in figures["stuck"].items()}),
         *money_families(settings),
     ]
 

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from . import db
 from .errors import UpstreamError
-from .stock import available_stock
+from .stock import available_stock, known_balance
 
 HOUR = timedelta(hours=1)
 IN_LIMIT = 500  # more ids than this are filtered in Python (SQLite caps bound values per statement)
@@ -35,6 +35,7 @@ class ProductState:
     missing_offer_warned: bool = False
     sync_state: str = "pending"
     price_changes: tuple = ()  # when this product's recent price writes were sent
+    balance: Decimal | None = None  # the CWS balance as last read: keys it cannot pay for are not offered
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,20 @@ def load_states(cws_ids, now, settings):
     available = available_stock(cws_ids, now)
     changes = _recent_price_changes(now)
     defaults = (settings.default_fixed_profit, settings.default_fee)
-    return [_state(row, available, changes, defaults) for row in query.tuples().iterator()
+    balance = known_balance()
+    return [_state(row, available, changes, defaults, balance) for row in query.tuples().iterator()
             if wanted is None or row[3] in wanted]
 
 
-def _state(row, available, changes, defaults):
+def _state(row, available, changes, defaults, balance):
     (g2a_id, offer_id, cost, cws_id, profit, fee, mapped, enabled, listed, min_price, max_price, max_stock,
      limit_min, limit_max, offer_price, offer_stock, offer_active, warned, sync_state) = row
     return ProductState(
         g2a_id, offer_id, _money(cost), available.get(cws_id, 0), _money(profit, defaults[0]),
         _money(fee, defaults[1]), bool(mapped), bool(enabled), bool(listed), _money(min_price), _money(max_price),
         max_stock, _money(limit_min), _money(limit_max), _money(offer_price), offer_stock,
-        None if offer_active is None else bool(offer_active), bool(warned), sync_state, changes.get(g2a_id, ()))
+        None if offer_active is None else bool(offer_active), bool(warned), sync_state, changes.get(g2a_id, ()),
+        balance)
 
 
 def _money(text, default=None):

@@ -79,9 +79,9 @@ def _preorder(payload, now):
     query = db.Order.update(next_check_at=now)
     if _usable(order_id):
         query = query.where(db.Order.cws_order_id == order_id)
-    elif _usable(code_id):
-        query = query.where(db.Order.id.in_(
-            db.OrderItem.select(db.OrderItem.order).where(db.OrderItem.cws_code_id == code_id)))
+    elif _usable(code_id):  # the id of a pre-order placeholder we stored, or of a code already delivered
+        query = query.where(db.Order.id.in_(db.OrderItem.select(db.OrderItem.order).where(
+            (db.OrderItem.preorder_code_id == code_id) | (db.OrderItem.cws_code_id == code_id))))
     else:
         event(log, "postback.ignored", level=logging.WARNING, type="PREORDER", reason="no orderId or codeId")
         return

@@ -8,14 +8,14 @@ from decimal import Decimal, InvalidOperation
 
 from peewee import fn
 
-from . import db, lease, pause
+from . import db, lease, pause, stuck
+from .stock import BALANCE_KEY
 
 WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
 BUDGET_SERIES = {"g2a_bridge_upstream_budget_used": "used", "g2a_bridge_upstream_budget_limit": "limit",
                  "g2a_bridge_upstream_throttled_total": "throttled"}
 SYNC_KEY = "sync.last_pass"
 SYNC_SUCCESS_KEY = "sync.last_success"
-BALANCE_KEY = "cws.balance"
 SYNC_STATES = ("in_sync", "pending", "failed")
 NOTIFICATION_WINDOW = timedelta(hours=24)
 
@@ -33,6 +33,7 @@ def collect(settings, now):
             db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
         "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
         "worker": _worker(now),
+        "stuck": stuck.summary(settings, now),
         "upstream_budgets": worker_budgets(),
     }
     figures["attention"] = attention(figures, settings)
@@ -123,9 +124,7 @@ def attention(figures, settings):
     worker = figures["worker"]
     if worker is None or worker["heartbeat_age_seconds"] > lease.TTL.total_seconds():
         lines.append("worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)")
-    if figures["orders"]["failed"]:
-        lines.append(f"{figures['orders']['failed']} FAILED orders: g2a-bridge orders --state failed, "
-                     "then g2a-bridge retry ORDER_ID")
+    lines += stuck.attention(figures["stuck"])
     if figures["offers"]["failed"]:
         lines.append(f"{figures['offers']['failed']} offers failed to sync: g2a-bridge sync --dry-run, "
                      "and journalctl -u g2a-bridge-worker")
@@ -159,6 +158,7 @@ def render(figures):
         ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
         ("worker", _worker_text(figures["worker"])),
+        ("stuck", _stuck_text(figures["stuck"])),
         ("budgets", budgets_text(figures["upstream_budgets"])),
     ]
     lines = [f"{label:<14} {value}" for label, value in rows]
@@ -184,6 +184,12 @@ def _balance_text(balance):
     if balance is None:
         return "unknown (the worker checks it every 5 min)"
     return f"{balance['amount']} {balance['currency']} (checked {age_text(balance['age_seconds'])} ago)"
+
+
+def _stuck_text(found):
+    """Stuck orders by kind ("none" when nothing is): the `!` lines below say what to do."""
+    parts = [f"{line['count']} {name}" for name, line in found.items() if line["count"]]
+    return ", ".join(parts) or "none"
 
 
 def _worker_text(worker):

@@ -75,9 +75,11 @@ class Upstream:
         self.session.headers.update({"User-Agent": user_agent, "Accept": "application/json"})
 
     def request(self, method, path, *, budget=None, wait=True, params=None, json_body=None, form=None,
-                idempotent=True, auth=True, endpoint=None):
+                idempotent=True, auth=True, endpoint=None, before_send=None):
         """`budget` names the endpoint class whose budget each attempt spends (budget.py; None: unmetered); with
-        wait=False an attempt that finds no free slot raises BudgetSpent instead of waiting for one."""
+        wait=False an attempt that finds no free slot raises BudgetSpent instead of waiting for one.
+        `before_send()` runs right before each attempt goes out, after any token fetch and budget wait (it may
+        raise to stop the call): a purchase records there when it was last sent."""
         endpoint = endpoint or path
         options = {"params": params, "json": json_body, "data": form}
         spend = self._spender(budget, wait, endpoint)
@@ -89,6 +91,8 @@ class Upstream:
             response = None
             try:
                 spend.take(retry=attempt > 1)
+                if before_send is not None:
+                    before_send()
                 response = self._send(method, path, endpoint, token, attempt, idempotent, options)
                 spend.answered(response)
                 if response.status_code == 401 and token and not refreshed:

@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 import schedule
 
-from . import alerts, db, pause
+from . import alerts, db, pause, stuck
 from .auth import delete_expired_tokens
 from .budget import budgets_for
 from .crypto import open_key_box
@@ -293,8 +293,9 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics, throttling), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
+        Job("orders.stuck", 5.0, lambda now: stuck.alert_new(settings, now)),
         Job("cleanup", 60.0, cleanup, at_start=True),
-        Job("cws.balance", 300.0, fulfilment.check_balance, at_start=True),
+        Job("cws.balance", 10.0, fulfilment.balance.due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),
         Job("alerts.dispatch", 5.0, lambda now: alerts.dispatch_pending(settings, now, webhook)),
     ]

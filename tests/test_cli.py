@@ -156,7 +156,7 @@ def test_status_is_one_screen_and_exits_0_when_all_is_well(bridge_env, running):
     result = run_cli(bridge_env, "status")
     labels = [line.split("  ")[0] for line in result.stdout.splitlines()]
     assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS balance", "notifications",
-                      "alerts", "worker", "budgets", "all good"]
+                      "alerts", "worker", "stuck", "budgets", "all good"]
     assert "2 in sync, 0 pending, 0 failed" in result.stdout
     assert "1000" in result.stdout
 
@@ -328,7 +328,7 @@ def test_status_lists_what_needs_attention(database):
     figures = status.collect(settings, now)
     assert figures["orders"]["failed"] == 1 and figures["cws_balance"]["low"]
     text = status.render(figures)
-    for needle in ("! worker is not running", "! 1 FAILED orders: g2a-bridge orders --state failed",
+    for needle in ("! worker is not running", "! 1 paid orders without keys (oldest 0 s): g2a-bridge order o1 says",
                    "! last sync pass was 5 min ago", "! CWS balance 12.50 EUR is below CWS_LOW_BALANCE 50"):
         assert needle in text
 

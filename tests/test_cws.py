@@ -283,6 +283,34 @@ def test_find_orders_is_empty_when_our_order_is_not_there(client, requests_mock)
     assert client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc)) == []
 
 
+def history_item(order_id, client_order_id):
+    return {"orderId": order_id, "clientOrderId": client_order_id, "status": "Completed"}
+
+
+def test_find_orders_follows_history_continuation_tokens_to_an_order_on_page_two(client, requests_mock):
+    requests_mock.get(ORDERS, [{"json": {"items": [history_item("o1", "g2a-8")], "continuationToken": "t2"}},
+                               {"json": {"items": [history_item("o2", "g2a-7")], "continuationToken": None}}])
+    assert [o.order_id for o in client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))] == ["o2"]
+    assert requests_mock.last_request.qs["continuationtoken"] == ["t2"]
+
+
+@pytest.mark.parametrize("pages", [
+    [{"page": 0, "totalPages": 2}, {"page": 1, "totalPages": 2}],
+    [{"number": 0, "last": False}, {"number": 1, "last": True}],
+])
+def test_find_orders_follows_page_numbers_to_an_order_on_page_two(client, requests_mock, pages):
+    requests_mock.get(ORDERS, [{"json": {"items": [history_item("o1", "g2a-8")], **pages[0]}},
+                               {"json": {"items": [history_item("o2", "g2a-7")], **pages[1]}}])
+    assert [o.order_id for o in client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))] == ["o2"]
+    assert requests_mock.last_request.qs["page"] == ["1"]
+
+
+def test_history_paging_that_repeats_itself_is_an_error_not_a_short_list(client, requests_mock):
+    requests_mock.get(ORDERS, json={"items": [], "continuationToken": "same"})
+    with pytest.raises(UpstreamError, match="history incomplete"):
+        client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))
+
+
 # --- account and token --------------------------------------------------------------------
 
 def test_the_account_balance_is_parsed_as_decimals(client, requests_mock):

@@ -345,6 +345,44 @@ def test_order_history_filters_on_the_created_date_inclusively(sim):
     assert get(session, "/v3/orders", params={"startFrom": "yesterday"}).status_code == 400
 
 
+def test_short_mode_completes_with_fewer_codes_than_ordered(sim):
+    sim.cws.set_fulfilment(SWITCH, "short")
+    body = order(cws(sim), quantity=3).json()
+    assert body["status"] == "Completed" and len(codes_of(body)) == 2
+
+
+def test_late_preorder_hands_out_a_placeholder_despite_allow_preorder_false_and_fills_it_later(sim):
+    sim.cws.now = clock = Clock()
+    sim.cws.set_fulfilment(SWITCH, "late_preorder")
+    sim.cws.preorder_seconds = 3
+    session = cws(sim)
+    created = order(session).json()
+    (code,) = codes_of(created)
+    assert (code["codeType"], code["code"]) == ("CODE_PREORDER", "")
+    clock.advance(seconds=3)
+    (filled,) = codes_of(get(session, f"/v3/orders/{created['orderId']}").json())
+    assert filled["codeId"] == code["codeId"] and filled["code"].startswith("SIM-")
+
+
+@pytest.mark.parametrize("paging", ["token", "page"])
+def test_order_history_pages_and_lags_and_fails_on_request(sim, paging):
+    sim.cws.now = clock = Clock()
+    session = cws(sim)
+    for n in range(3):
+        order(session, client_id=f"g2a-{n}")
+    sim.cws.history_lag = 60
+    assert get(session, "/v3/orders").json()["items"] == []
+    clock.advance(seconds=60)
+    sim.cws.history_page_size, sim.cws.history_paging = 2, paging
+    first = get(session, "/v3/orders").json()
+    following = {"continuationToken": first.get("continuationToken")} if paging == "token" else {"page": 1}
+    second = get(session, "/v3/orders", params=following).json()
+    assert [item["clientOrderId"] for item in first["items"] + second["items"]] == ["g2a-0", "g2a-1", "g2a-2"]
+    assert second.get("continuationToken") is None and second.get("totalPages", 2) == 2
+    sim.cws.history_status = 500
+    assert get(session, "/v3/orders").status_code == 500
+
+
 def test_unknown_codes_and_orders_are_404(sim):
     session = cws(sim)
     code = get(session, f"/v3/codes/{uuid.uuid4()}")

@@ -25,7 +25,7 @@ CWS_CLIENT_SECRET = "$2a$10$E2jVWDADFA5gh6zlRVcrlOOX01Q/HJoT6hXuDMJxek.YEo.lkO2T
 CWS_CLIENT_SIGNATURE = "b4cded07-e13e-4021-8b9f-a3cee994109b"
 
 MODES = frozenset({"instant", "delayed", "image", "preorder", "preorder_legacy", "fail", "balance",
-                   "delisted", "commit_then_500", "commit_then_hang"})
+                   "delisted", "commit_then_500", "commit_then_hang", "short", "late_preorder"})
 # Documented CWS codes (cws.md §5.2), then ours for cases CWS leaves undocumented.
 LOW_BALANCE, PRODUCT_NOT_FOUND, BAD_QUANTITY, CODE_NOT_FOUND = 10002, 20001, 40002, 50002
 BAD_REQUEST, PRICE_CHANGED, OUT_OF_STOCK, ORDER_NOT_FOUND = 40000, 40003, 40004, 30001
@@ -158,6 +158,14 @@ class FakeCws(FakeApi):
     "Completed" (only codeType tells); "fail" stores a Cancelled order without charging; a repeated
     client orderId makes a new order; GET /v3/orders/{clientOrderId} is 404; codes 40000 (bad request),
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
+
+    Modes beyond cws.md §6: "short" completes with `short_by` codes fewer than ordered; "late_preorder" hands out
+    pre-order placeholders although stock was there and allowPreOrder was false, and fills them in place, one
+    more every `preorder_seconds` after the order was created. `codes_per_unit` > 1 sells every unit as that
+    many text codes (a bundle). History knobs (cws.md §7.5 leaves paging and lag unknown):
+    history_status (every GET /v3/orders answers it), history_page_size with history_paging "token"
+    (items + continuationToken, as products) or "page" (?page=N from 0, with page and totalPages), and
+    history_lag (an order shows in history only that many seconds after its creation).
     """
 
     def __init__(self, rate_limits=None, retry_after=True):
@@ -167,6 +175,13 @@ class FakeCws(FakeApi):
         self.page_size = 100
         self.balance = Decimal("1000.00")
         self.hang_seconds = 30.0
+        self.short_by = 1
+        self.codes_per_unit = 1
+        self.preorder_seconds = 3.0
+        self.history_status = None
+        self.history_page_size = None
+        self.history_paging = "token"
+        self.history_lag = 0.0
         self.now = lambda: datetime.now(timezone.utc)  # tests may replace this clock
         self._token, self._token_expires = None, None
         self._products = {}
@@ -411,7 +426,8 @@ class FakeCws(FakeApi):
         for line in order.lines:
             in_stock = min(line.quantity, line.product.quantity)
             line.product.quantity -= in_stock
-            line.codes = self._first_codes(line.product.mode, line.quantity, in_stock)
+            line.codes = self._first_codes(line.product.mode, line.quantity * self.codes_per_unit,
+                                           in_stock * self.codes_per_unit)
         if "delayed" in modes:
             order.status = "Fulfilling"
             order.polls_left = max(line.product.polls for line in order.lines if line.product.mode == "delayed")
@@ -420,7 +436,9 @@ class FakeCws(FakeApi):
         # Pre-ordered units keep status Completed on the order: only the code type says "no key yet".
         if mode == "delayed":
             return []
-        if mode in ("preorder", "preorder_legacy"):
+        if mode == "short":
+            return [self._new_code(mode) for _ in range(max(0, in_stock - self.short_by))]
+        if mode in ("preorder", "preorder_legacy", "late_preorder"):
             in_stock = 0
         placeholder = "PRE_ORDER" if mode == "preorder_legacy" else "CODE_PREORDER"
         real = [self._new_code(mode) for _ in range(in_stock)]
@@ -431,7 +449,8 @@ class FakeCws(FakeApi):
             for code in line.codes:
                 if not code["code"]:
                     self._fill(code, line.product.mode)
-            line.codes += [self._new_code(line.product.mode) for _ in range(line.quantity - len(line.codes))]
+            line.codes += [self._new_code(line.product.mode)
+                           for _ in range(line.quantity * self.codes_per_unit - len(line.codes))]
         order.status, order.polls_left = "Completed", None
 
     def _placeholder(self, code_type):
@@ -462,16 +481,41 @@ class FakeCws(FakeApi):
             self._complete(order)
         elif order.polls_left:
             order.polls_left -= 1
+        self._fill_late_keys(order)
         return self._order_json(order)
 
+    def _fill_late_keys(self, order):
+        """late_preorder: one more placeholder gets its key every preorder_seconds after the order was made."""
+        due = int((self.now() - order.created_on).total_seconds() // self.preorder_seconds)
+        for line in (line for line in order.lines if line.product.mode == "late_preorder"):
+            waiting = [code for code in line.codes if not code["code"]]
+            for code in waiting[:max(0, due - (len(line.codes) - len(waiting)))]:
+                self._fill(code, "late_preorder")
+
     def _order_history(self, request):
+        if self.history_status:
+            raise cws_error(self.history_status, self.history_status, "Order history is unavailable")
         start = request.query.get("startFrom")
         end = request.query.get("endOn")
         low = parse_bound(start, end=False) if start else None
         high = parse_bound(end, end=True) if end else None
-        chosen = [order for order in self._orders
-                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)]
-        return {"items": [self._order_json(order, with_products=False) for order in chosen]}
+        shown = self.now() - timedelta(seconds=self.history_lag)
+        chosen = [self._order_json(order, with_products=False) for order in self._orders
+                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)
+                  and order.created_on <= shown]
+        return self._history_page(chosen, request.query)
+
+    def _history_page(self, items, query):
+        size = self.history_page_size
+        if not size:
+            return {"items": items}
+        if self.history_paging == "page":
+            page = int(query.get("page") or 0)
+            return {"items": items[page * size:(page + 1) * size], "page": page,
+                    "totalPages": max(1, math.ceil(len(items) / size))}
+        start = self._page_start(query.get("continuationToken"))
+        more = start + size < len(items)
+        return {"items": items[start:start + size], "continuationToken": self._page_token(start + size) if more else None}
 
     def _order_json(self, order, with_products=True):
         rendered = {"orderId": order.order_id, "clientOrderId": order.client_order_id,
