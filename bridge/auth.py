@@ -71,6 +71,19 @@ class TokenStore:
                            expires_at=now + timedelta(seconds=TOKEN_LIFETIME))
         return token, TOKEN_LIFETIME
 
+    def known(self, authorization, now):
+        """True when `authorization` is `Bearer <a contract token this process already checked>`, still valid at
+        `now` (epoch seconds); never asks the database (G2A's /healthcheck probe). False says nothing: check()
+        decides."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        known = self._known.get(token_hash(token.strip()))
+        if known is None:
+            return False
+        expires, scope, client_id = known
+        return scope == CONTRACT and expires > now and (scope, client_id) in self._clients
+
     def check(self, authorization, now, scopes=(CONTRACT,)):
         """The scope of `Bearer <token we issued>` or of Basic with a configured pair; raise AUTH01/AUTH02 (401)
         when there is none, AUTH02 (403) when it is not one of `scopes`."""
@@ -155,11 +168,15 @@ class FailureBrake:
         self._lock = threading.Lock()
 
     def check(self, ip):
+        if self.braked(ip):
+            raise ContractError(429, "AUTH03", "too many failed authentication attempts; try again later")
+
+    def braked(self, ip):
+        if not self._failures:  # the usual case, decided without parsing the address or taking the lock
+            return False
         key = address_key(ip)
         with self._lock:
-            recent = self._recent(key)
-        if len(recent) >= self.limit:
-            raise ContractError(429, "AUTH03", "too many failed authentication attempts; try again later")
+            return len(self._recent(key)) >= self.limit
 
     def failed(self, ip):
         key = address_key(ip)

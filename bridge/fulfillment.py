@@ -56,7 +56,7 @@ class Fulfilment:
         if order.state == db.CLAIMED:
             purchase = self._purchases.submit(contextvars.copy_context().run, self._purchase, order, now, started)
             wait_for([purchase], timeout=max(0.0, started + self.inline_budget - self.clock()))
-        order = db.Order.get_by_id(order.id)
+        order = claims.get_order(order.id)
         status = 200 if order.state == db.COMPLETED else 202
         return status, {"order_id": order.id, "stock": orders.stock_lines(order, self.keys, self._now(now, started))}
 
@@ -199,13 +199,13 @@ class Fulfilment:
             placed = claims.record_placement(order.id, cws_order, now, later(now, MIN_POLL))
             if placed:
                 event(log, name, order=order.id, cws_order=cws_order.order_id, status=cws_order.status, **fields)
-            self._settle(db.Order.get_by_id(order.id), cws_order, codes, now)
+            self._settle(claims.get_order(order.id), cws_order, codes, now)
         if placed:
             self._check_loss(order, now)
 
     def _wait_inline(self, order, now, started):
         for step in INLINE_STEPS:
-            current = db.Order.get_by_id(order.id)
+            current = claims.get_order(order.id)
             if current.state != db.FULFILLING or self.clock() + step > started + self.inline_budget:
                 return
             self.sleep(step)
@@ -235,8 +235,9 @@ class Fulfilment:
         outcome = cws_order.outcome(self._quantities(order))
         if outcome == "failed":
             return self._fail(order, f"CWS order {cws_order.order_id} is {cws_order.status}", now)
-        names = {p.id: p.name for p in db.CwsProduct.select().where(
-            db.CwsProduct.id.in_([product.product_id for product in cws_order.products]))}
+        ids = [product.product_id for product in cws_order.products]
+        names = dict(db.run_sql(f"SELECT id, name FROM cws_product WHERE id IN ({', '.join(['{p}'] * len(ids))})",
+                                *ids).fetchall()) if ids else {}
         if self.keys.store(order.id, codes, names, now):
             return self._complete(order, now)
         self._pending(order, db.PREORDER if outcome == "preorder" else db.FULFILLING, now)
@@ -247,8 +248,8 @@ class Fulfilment:
         decided from the complete list (G2A sees keys only once all are there anyway)."""
         if cws_order.status.lower() != "completed":
             return {}
-        stored = {item.cws_code_id for item in db.OrderItem.select(db.OrderItem.cws_code_id).where(
-            db.OrderItem.order == order.id, db.OrderItem.cws_code_id.is_null(False))}
+        stored = {code_id for (code_id,) in db.run_sql(
+            "SELECT cws_code_id FROM order_item WHERE order_id = {p} AND cws_code_id IS NOT NULL", order.id)}
         codes = {}
         for product in cws_order.products:
             codes.setdefault(product.product_id, []).extend(
@@ -298,10 +299,11 @@ class Fulfilment:
         """The buyer paid, so we deliver even when CWS now costs more than the sale earns; the seller hears of it."""
         # A list, read whole before raise_alert writes: writing while this connection's SELECT is still open
         # fails at once with "database is locked" if the other process committed meanwhile (test_concurrency.py).
-        for item in list(db.OrderItem.select().where(db.OrderItem.order == order.id, db.OrderItem.source == "cws",
-                                                     db.OrderItem.unit_cost.is_null(False),
-                                                     db.OrderItem.sale_price.is_null(False))):
-            product = db.Product.get_or_none(db.Product.g2a_id == item.g2a_product_id)
+        for item in keys.order_items(order.id):
+            if item.source != "cws" or item.unit_cost is None or item.sale_price is None:
+                continue
+            product = next(iter(db.raw_rows(db.Product, "SELECT * FROM product WHERE g2a_id = {p}",
+                                            item.g2a_product_id)), None)
             fee = product.fee if product is not None and product.fee is not None else self.settings.default_fee
             floor = break_even_price(item.unit_cost, fee)
             if item.sale_price < floor:

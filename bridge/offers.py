@@ -9,6 +9,7 @@ from .stock import available_stock, known_balance
 
 HOUR = timedelta(hours=1)
 IN_LIMIT = 500  # more ids than this are filtered in Python (SQLite caps bound values per statement)
+OUTCOMES_PER_TRANSACTION = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +93,15 @@ def _recent_price_changes(now):
 
 
 def store_outcomes(outcomes, now):
-    """Record what G2A confirmed (or refused) in one transaction; a failed product is retried next pass."""
-    if not outcomes:
-        return
-    with db.write_transaction():
-        for outcome in outcomes:
-            if outcome.error is not None:
-                _store_failure(outcome.change, outcome.error)
-            else:
-                _store_success(outcome.change, outcome.resource_id, now)
+    """Record what G2A confirmed (or refused), a few outcomes per transaction (the web's reservations wait for
+    each); a failed product is retried next pass."""
+    for start in range(0, len(outcomes), OUTCOMES_PER_TRANSACTION):
+        with db.write_transaction():
+            for outcome in outcomes[start:start + OUTCOMES_PER_TRANSACTION]:
+                if outcome.error is not None:
+                    _store_failure(outcome.change, outcome.error)
+                else:
+                    _store_success(outcome.change, outcome.resource_id, now)
 
 
 def _store_success(change, resource_id, now):

@@ -141,7 +141,7 @@ class Reservations:
         rows = [(reservation_id, line.product_id, products[line.product_id].cws_product_id, line.quantity,
                  money(line.unit_price), money(products[line.product_id].offer_price), True, expires)
                 for line in lines]
-        db.database.obj.cursor().executemany(_sql(INSERT_LINE_SQL), rows)
+        db.database.obj.cursor().executemany(db.sql(INSERT_LINE_SQL), rows)
 
     @staticmethod
     def _deactivate_lines(reservation_id):
@@ -167,13 +167,9 @@ INSERT_LINE_SQL = ("INSERT INTO reservation_line (reservation_id, g2a_product_id
                    "unit_price, offer_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
 
 
-def _sql(template):
-    return template.format(p=db.database.obj.param)
-
-
 def _insert_reservation(reservation_id, now, expires_at, request_id):
     moment = db.Reservation.expires_at.db_value
-    db.database.obj.execute_sql(_sql(INSERT_RESERVATION_SQL),
+    db.database.obj.execute_sql(db.sql(INSERT_RESERVATION_SQL),
                                 (reservation_id, ACTIVE, moment(now), moment(expires_at), request_id))
 
 

@@ -16,13 +16,17 @@ CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole tabl
 SMALL = 2000
 FEW = 20  # up to this many ids (a reservation's lines) one hand-written statement answers
 # Hand-written: reservations ask for one or two products per request, and peewee spent longer building
-# four queries than SQLite spent running them (bench/reservation_bench.py).
+# four queries than SQLite spent running them (bench/reservation_bench.py). Each sum must stay bounded by
+# what is live, never by history: `l.active = TRUE` lets the covering index skip inactive lines, and the
+# claimed items are found from the few claimed orders (CROSS JOIN fixes SQLite's loop order), not from every
+# item ever sold of the product (20,000 past orders of a product made this 12 ms instead of 0.1 ms).
 FEW_SQL = """SELECT c.id, CASE WHEN c.listed THEN c.quantity ELSE 0 END
   + (SELECT COUNT(*) FROM pooled_key k WHERE k.cws_product_id = c.id AND k.taken_by_id IS NULL)
   - (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l
-     WHERE l.cws_product_id = c.id AND l.active AND l.expires_at > {p})
-  - (SELECT COUNT(*) FROM order_item i JOIN "order" o ON o.id = i.order_id
-     WHERE i.cws_product_id = c.id AND o.state = {p} AND i.source = {p} AND i.state = {p})
+     WHERE l.cws_product_id = c.id AND l.active = TRUE AND l.expires_at > {p})
+  - (SELECT COUNT(*) FROM "order" o CROSS JOIN order_item i
+     WHERE o.state = {p} AND i.order_id = o.id AND i.cws_product_id = c.id AND i.source = {p}
+       AND i.state = {p})
 FROM cws_product c WHERE c.id IN ({ids})"""
 
 

@@ -302,8 +302,8 @@ class SyncEngine:
                    and (s.offer_id is not None or not s.mapped)]
         if not settled:
             return
-        with db.write_transaction():
-            for start in range(0, len(settled), 500):
+        for start in range(0, len(settled), 500):
+            with db.write_transaction():  # one statement each: the web's reservations wait for it
                 db.Product.update(sync_state="in_sync", sync_error=None).where(
                     db.Product.g2a_id.in_(settled[start:start + 500])).execute()
 
