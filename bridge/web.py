@@ -154,7 +154,8 @@ def _utf8_fields(fields):
 def create_app(settings, cws=None, metrics=None):
     """The Bottle app for `settings`; the database must already be open. `metrics` (by default a fresh one)
     counts what this process does; serve() must get the same object to count requests."""
-    app = bottle.Bottle(autojson=False)
+    app = bottle.Bottle()
+    app.config["json.enable"] = False  # every answer is rendered by contract.py, never by Bottle
     tokens, brake = TokenStore(settings), FailureBrake()
     revoked = delete_unconfigured_tokens(settings)
     if revoked:
