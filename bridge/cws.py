@@ -121,19 +121,28 @@ class CwsClient:
     def products(self, product_ids=None, batch_size=50):
         """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
         if product_ids is None:
-            yield from self._product_pages({})
+            for page in self.product_pages():
+                yield from page
             return
         ids = list(dict.fromkeys(product_ids))
         for start in range(0, len(ids), batch_size):
-            yield from self._product_pages({"productIds": ",".join(ids[start:start + batch_size])})
+            for page in self.product_pages(ids[start:start + batch_size]):
+                yield from page
 
-    def _product_pages(self, params):
+    def product_pages(self, product_ids=None, updated_since=None):
+        """GET /v3/products page by page, each a list of CwsProductInfo: the products `product_ids` (one
+        productIds request), or the catalogue (only what changed since `updated_since`, an aware datetime)."""
+        params = {}
+        if product_ids is not None:
+            params["productIds"] = ",".join(product_ids)
+        if updated_since is not None:
+            params["updatedSince"] = _iso(updated_since)
         seen, token = set(), None
         while True:
             page = self._upstream.request("GET", "/v3/products",
                                           params={**params, "continuationToken": token} if token else params)
-            for item in _list(_object(page, "products page"), "items", "products page", default=[]):
-                yield _product(item)
+            items = _list(_object(page, "products page"), "items", "products page", default=[])
+            yield [_product(item) for item in items]
             token = page.get("continuationToken")
             if not token:
                 return
@@ -189,6 +198,12 @@ class CwsClient:
 
     def _get(self, path, endpoint):
         return self._upstream.request("GET", path, endpoint=endpoint)
+
+
+def _iso(moment):
+    """ISO-8601 in UTC with milliseconds, as CWS writes its own timestamps."""
+    moment = moment.astimezone(datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _order_line(product_id, quantity, max_unit_price):

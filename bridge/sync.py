@@ -9,21 +9,22 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from . import db
-from .catalogue import Catalogue
+from . import db, lane, sweep
+from .catalogue import Catalogue, clear_marks
 from .errors import UpstreamError
 from .log import event
 from .offers import HOUR, Outcome, load_states, prune_price_changes, store_outcomes
 from .pricing import decide_price
+from .sweep import REQUESTS_PER_WRITE
 
 log = logging.getLogger(__name__)
 
 WRITERS = 8  # PATCHes in flight at once; the shared RequestBudget still caps the rate
-REQUESTS_PER_WRITE = 3  # a PATCH and about two job polls
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
-LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups per pass, only for products about to get a price
-DIRTY_BACKOFF = 5.0  # seconds without dirty passes after CWS failed to answer one
+LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups per sweep part, only for products about to get a price
+LANE_BACKOFF = 5.0  # seconds without lane passes after CWS failed to answer one
+MARKS_PER_PASS = 50  # postback marks the lane takes per run, oldest first
 LAST_PASS_KEY = "sync.last_pass"
 LAST_SUCCESS_KEY = "sync.last_success"  # written by each full pass that succeeded
 MISSING_OFFER = "no G2A offer for this product: create it in the G2A panel, or set G2A_CREATE_OFFERS=true"
@@ -208,88 +209,107 @@ class PassReport:
 
 def _idle_offers(states, changes, paused):
     changed = {change.g2a_id for change in changes}
-    # Sorted: PostgreSQL returns the states in no particular order (SQLite happens to keep insertion order).
-    return [f"{state.g2a_id} stays inactive: {why}" for state in sorted(states, key=lambda state: state.g2a_id)
+    return [f"{state.g2a_id} stays inactive: {why}" for state in states
             if state.mapped and state.g2a_id not in changed and not state.offer_active
             and (why := inactive_reason(state, paused))]
 
 
 class SyncEngine:
-    """Reconciles G2A offers with CWS; passes never overlap (a dirty pass skips while a full pass runs)."""
+    """Reconciles G2A offers with CWS: the paced full sweep (page by page) and the priority lane."""
 
     def __init__(self, settings, cws, g2a, pause_switch, clock=db.utcnow, writers=WRITERS, job_timeout=JOB_TIMEOUT):
-        self.settings, self.g2a, self.pause, self.clock = settings, g2a, pause_switch, clock
+        self.settings, self.cws, self.g2a, self.pause, self.clock = settings, cws, g2a, pause_switch, clock
         self.catalogue = Catalogue(cws, g2a)
         self.writers, self.job_timeout = writers, job_timeout
         self.max_writes = writes_per_pass(settings)
-        self._lock = threading.Lock()
-        self._dirty_resume_at = 0.0
+        self.inflight = lane.InFlight()
+        self.hot = lane.HotReads(settings)
+        self._lane_resume_at = 0.0
 
     def full_pass(self, now=None, dry_run=False):
-        """Reconcile every product; with dry_run the changes are planned (CWS and offers read) but not sent."""
+        """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
+        arrives; with dry_run the changes are planned (CWS and offers read) but not sent."""
         report = PassReport("full", now or self.clock(), paused=self.pause.is_paused())
+        stamp = self.clock if now is None else (lambda: now)
         started = time.monotonic()
-        # The CWS read runs outside the lock, so postbacks keep flowing while a big catalogue is read.
-        self.catalogue.refresh(self._cws_ids(), report.started, report)
-        with self._lock:
-            self.catalogue.discover_if_needed(report)
-            self._reconcile(None, report, dry_run)
+        self.catalogue.discover_if_needed(report)
+        mapped = set(sweep.mapped_cws_ids())
+        allowance = sweep.WriteAllowance(self.max_writes, sweep.write_pace(self.settings))
+        self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
+        mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing())
+        progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
+        for cws_ids in sweep.read(self.cws, mapped, mode, stamp, report):
+            self._sweep_part(cws_ids, stamp(), report, dry_run, allowance)
+            if progress:
+                progress.read(len(cws_ids))
         self._finish(report, started)
-        if not dry_run:
-            prune_price_changes(report.started)
-            db.put_setting(LAST_PASS_KEY, report.as_json())
-            if report.succeeded:
-                db.put_setting(LAST_SUCCESS_KEY, report.finished.isoformat())
+        if dry_run:
+            report.changes.sort(key=lambda change: change.priority)
+            report.inactive.sort(key=lambda line: int(line.split()[0]))
+            return report
+        progress.finish(report.finished)
+        prune_price_changes(report.started)
+        db.put_setting(LAST_PASS_KEY, report.as_json())
+        if report.succeeded:
+            db.put_setting(LAST_SUCCESS_KEY, report.finished.isoformat())
         return report
 
-    def dirty_pass(self, now=None):
-        """Reconcile only the products a CWS postback marked dirty; None when there was nothing to do."""
-        if time.monotonic() < self._dirty_resume_at or not self._lock.acquire(blocking=False):
+    def _sweep_part(self, cws_ids, now, report, dry_run, allowance):
+        report.paused = report.paused or self.pause.is_paused()
+        with self.inflight.claim(cws_ids) as mine:
+            self._reconcile(mine, now, report, dry_run, allowance)
+
+    def lane_pass(self, now=None):
+        """Re-read (single GETs) and reconcile the products postbacks marked and the hot products due; None when
+        there was nothing to do."""
+        if time.monotonic() < self._lane_resume_at:
             return None
-        try:
-            dirty = dict(db.CwsProduct.select(db.CwsProduct.id, db.CwsProduct.dirty_since)
-                         .where(db.CwsProduct.dirty_since.is_null(False)).tuples())
-            if not dirty:
+        now = now or self.clock()
+        marks = lane.marks(MARKS_PER_PASS)
+        wanted = list(marks) + [cws_id for cws_id in self.hot.due(now) if cws_id not in marks]
+        if not wanted:
+            return None
+        with self.inflight.claim(wanted) as mine:
+            if not mine:
                 return None
-            report = PassReport("dirty", now or self.clock(), paused=self.pause.is_paused())
+            report = PassReport("lane", now, paused=self.pause.is_paused())
             started = time.monotonic()
-            if not self.catalogue.refresh_dirty(dirty, report.started, report):
-                self._dirty_resume_at = time.monotonic() + DIRTY_BACKOFF
-            self._reconcile(list(dirty), report, dry_run=False)
-            return self._finish(report, started)
-        finally:
-            self._lock.release()
+            if self.catalogue.read_products(mine, now, report):
+                clear_marks({cws_id: marks[cws_id] for cws_id in mine if cws_id in marks})
+            else:
+                self._lane_resume_at = time.monotonic() + LANE_BACKOFF
+            # Reconciled even when CWS failed: a PRODUCT_HIDDEN postback already zeroed the stock it marked.
+            self._reconcile(mine, now, report, False, sweep.WriteAllowance(self.max_writes))
+        return self._finish(report, started)
 
-    def _cws_ids(self):
-        query = db.Product.select(db.Product.cws_product).where(db.Product.mapped == True).distinct()  # noqa: E712
-        return [cws_id for (cws_id,) in query.tuples()]
-
-    def _reconcile(self, cws_ids, report, dry_run):
-        states = load_states(cws_ids, report.started, self.settings)
-        report.products = len(states)
-        changes = self._plan(states, report)
-        changes = self._with_price_limits(changes, states, report)
-        report.changes = changes
-        report.deferred = sum(1 for change in changes if change.deferred_price is not None)
+    def _reconcile(self, cws_ids, now, report, dry_run, allowance):
+        if not cws_ids:
+            return
+        states = load_states(cws_ids, now, self.settings)
+        report.products += len(states)
+        changes = self._plan(states, now, report.paused)
+        changes = self._with_price_limits(changes, states, now, report, allowance)
+        report.changes.extend(changes)
+        report.deferred += sum(1 for change in changes if change.deferred_price is not None)
         if dry_run:
-            report.inactive = _idle_offers(states, changes, report.paused)
+            report.inactive.extend(_idle_offers(states, changes, report.paused))
         else:
             self._settle(states, changes)
-            self._apply(changes, report)
+            self._apply(changes, now, report, allowance)
 
-    def _plan(self, states, report):
-        return plan(states, report.started, report.paused, self.settings.price_changes_per_hour,
-                    self.settings.g2a_create_offers)
+    def _plan(self, states, now, paused):
+        return plan(states, now, paused, self.settings.price_changes_per_hour, self.settings.g2a_create_offers)
 
-    def _with_price_limits(self, changes, states, report):
+    def _with_price_limits(self, changes, states, now, report, allowance):
         """Look up G2A's priceLimit for products about to get a price we never checked, and re-plan them."""
         unchecked = [c.g2a_id for c in changes if c.price is not None and not self.catalogue.limit_known(c.g2a_id)]
-        learned = self.catalogue.look_up_limits(unchecked[:LIMIT_LOOKUPS], report)
+        unchecked = unchecked[:allowance.take(min(len(unchecked), LIMIT_LOOKUPS))]
+        learned = self.catalogue.look_up_limits(unchecked, report)
         if not learned:
             return changes
         by_id = {state.g2a_id: state for state in states}
         redo = [replace(by_id[g2a_id], limit_min=low, limit_max=high) for g2a_id, (low, high) in learned.items()]
-        return sorted([c for c in changes if c.g2a_id not in learned] + self._plan(redo, report),
+        return sorted([c for c in changes if c.g2a_id not in learned] + self._plan(redo, now, report.paused),
                       key=lambda change: change.priority)
 
     def _settle(self, states, changes):
@@ -304,15 +324,16 @@ class SyncEngine:
                 db.Product.update(sync_state="in_sync", sync_error=None).where(
                     db.Product.g2a_id.in_(settled[start:start + 500])).execute()
 
-    def _apply(self, changes, report):
+    def _apply(self, changes, now, report, allowance):
         for change in changes:
             if change.action == "missing":
                 self._warn_missing(change)
         held = [Outcome(change) for change in changes if change.deferred_price is not None and not change.sends]
-        store_outcomes(held, report.started)
+        store_outcomes(held, now)
         writes = [change for change in changes if change.sends]
-        # Most urgent first; the rest stay planned for the next pass, so a pass fits its interval.
-        writes, report.postponed = writes[:self.max_writes], max(0, len(writes) - self.max_writes)
+        # Most urgent first; the rest stay planned for the next sweep, so G2A's budget is never spent by sync alone.
+        granted = allowance.take(len(writes))
+        writes, report.postponed = writes[:granted], report.postponed + len(writes) - granted
         if not writes:
             return
         with ThreadPoolExecutor(self.writers, thread_name_prefix="g2a-write") as pool:
@@ -370,3 +391,4 @@ class SyncEngine:
                   failed=report.failed, deferred=report.deferred, postponed=report.postponed,
                   seconds=round(report.duration, 3))
         return report
+

@@ -243,7 +243,7 @@ def checked(sync_pass, metrics):
     nothing worked."""
     def run(now):
         report = sync_pass(now)
-        if report is None:  # a dirty pass with nothing to do
+        if report is None:  # a lane pass with nothing to do
             return
         metrics.sync_pass(report)
         if not report.succeeded:
@@ -277,7 +277,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     webhook = requests.Session()
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
-        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics)),
+        Job("sync.lane", 0.5, checked(engine.lane_pass, metrics)),
         Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),

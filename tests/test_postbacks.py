@@ -146,9 +146,9 @@ def test_a_stock_postback_reaches_the_g2a_offer_through_the_dirty_pass(tmp_path)
         sim.cws.set_quantity(A, 1)
         sim.cws.set_quantity(B, 2)
         assert handle(settings, sim.cws.postback("STOCK", products=[sim.cws.stock_entry(A)]), db.utcnow()) == 200
-        report = engine.dirty_pass()
+        report = engine.lane_pass()
         assert [p["body"]["variant"] for p in sim.g2a.patches] == [{"inventory": {"size": 1}}]
         assert report.writes == 1
         with pytest.raises(ContractError):
             handle(settings, sim.cws.postback("STOCK", valid=False, productId=B), db.utcnow())
-        assert engine.dirty_pass() is None
+        assert engine.lane_pass() is None

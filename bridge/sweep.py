@@ -1,0 +1,137 @@
+"""The full sweep's reading: the mapped set read from CWS by catalogue pages or by productIds batches (whichever
+costs fewer requests), one CWS answer at a time, each stored before the next request; and the sweep's progress.
+
+The pace is the CWS client's: it waits for its request budget, so the sweep spreads itself over minutes.
+"""
+import json
+import math
+import time
+
+from . import db
+from .catalogue import BATCH_SIZE, store_answer, unlist
+from .errors import UpstreamError
+
+LISTING_KEY = "sync.catalogue"  # what the last complete catalogue listing cost: {"products", "pages", "at"}
+PROGRESS_KEY = "sync.sweep"  # the running or last sweep: started, mode, mapped, read, requests, finished, duration
+LIST_UNMEASURED_ABOVE = 250  # mapped products above which a catalogue never listed is listed (to learn its cost)
+PROGRESS_EVERY = 1.0  # seconds between progress writes
+REQUESTS_PER_WRITE = 3  # an offer write costs a PATCH and about two job polls
+SWEEP_G2A_SHARE = 0.5  # of the G2A request budget a long sweep may keep using
+
+
+def reading_plan(mapped, listing):
+    """("pages" or "batches", requests or None when unknown): the cheaper way to read `mapped` products, given
+    the last complete listing ({"pages": n}, None when the catalogue was never listed)."""
+    batches = math.ceil(mapped / BATCH_SIZE)
+    if listing is None:
+        return ("pages", None) if mapped > LIST_UNMEASURED_ABOVE else ("batches", batches)
+    pages = int(listing["pages"])
+    return ("pages", pages) if pages < batches else ("batches", batches)
+
+
+def last_listing():
+    stored = db.get_setting(LISTING_KEY)
+    return None if stored is None else json.loads(stored)
+
+
+def mapped_cws_ids():
+    query = db.Product.select(db.Product.cws_product).where(db.Product.mapped == True).distinct()  # noqa: E712
+    return [cws_id for (cws_id,) in query.tuples()]
+
+
+def unmapped_only(mapped):
+    """CWS ids only products removed from products.json still point at: reconciled (deactivated) without a read."""
+    query = db.Product.select(db.Product.cws_product).where(db.Product.mapped == False).distinct()  # noqa: E712
+    return sorted(cws_id for (cws_id,) in query.tuples() if cws_id not in mapped)
+
+
+
+def read(cws, mapped_ids, mode, clock, report):
+    """Yield the mapped ids each CWS answer covered, once it is stored; a CWS failure is reported and ends it."""
+    try:
+        if mode == "pages":
+            yield from _pages(cws, set(mapped_ids), clock)
+        else:
+            yield from _batches(cws, sorted(mapped_ids), clock)
+    except UpstreamError as err:
+        report.error(f"CWS products: {err}")
+
+
+def _batches(cws, ids, clock):
+    for start in range(0, len(ids), BATCH_SIZE):
+        wanted, now = set(ids[start:start + BATCH_SIZE]), clock()
+        infos = [info for page in cws.product_pages(ids[start:start + BATCH_SIZE]) for info in page]
+        unlist(wanted - store_answer(infos, wanted, now), now)  # a complete answer for these ids
+        yield wanted
+
+
+def _pages(cws, wanted, clock):
+    """The whole catalogue; mapped products it did not list are unlisted once the last page is in."""
+    seen, listed, requests, pages = set(), 0, 0, cws.product_pages()
+    while True:
+        now = clock()
+        page = next(pages, None)
+        if page is None:
+            break
+        listed, requests = listed + len(page), requests + 1
+        covered = store_answer(page, wanted, now)
+        seen |= covered
+        yield covered
+    gone = wanted - seen
+    unlist(gone, clock())
+    db.put_setting(LISTING_KEY, json.dumps({"products": listed, "pages": requests, "at": clock().isoformat()}))
+    yield gone
+
+
+class Progress:
+    """The running sweep's figures in the setting PROGRESS_KEY, written at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, started, mode, mapped, clock=time.monotonic):
+        self._clock = clock
+        self.figures = {"started": started.isoformat(), "mode": mode, "mapped": mapped, "read": 0,
+                        "finished": None, "duration": None, "last_duration": _last_duration()}
+        self._began = self._written = clock()
+        self._save()
+
+    def read(self, count):
+        self.figures["read"] += count
+        if self._clock() - self._written >= PROGRESS_EVERY:
+            self._save()
+
+    def finish(self, finished):
+        self.figures.update(finished=finished.isoformat(), duration=round(self._clock() - self._began, 3))
+        self.figures["last_duration"] = self.figures["duration"]
+        self._save()
+
+    def _save(self):
+        self._written = self._clock()
+        db.put_setting(PROGRESS_KEY, json.dumps(self.figures))
+
+
+def _last_duration():
+    stored = db.get_setting(PROGRESS_KEY)
+    return None if stored is None else json.loads(stored).get("last_duration")
+
+
+def write_pace(settings):
+    """Offer writes per second a sweep may keep up: SWEEP_G2A_SHARE of the G2A budget (each write costs about
+    REQUESTS_PER_WRITE requests)."""
+    return settings.g2a_requests_per_minute / 60 * SWEEP_G2A_SHARE / REQUESTS_PER_WRITE
+
+
+class WriteAllowance:
+    """Offer writes a sweep may send: `capacity` at its start, then refilled at `per_second` (up to capacity), so
+    a sweep of many minutes leaves G2A's budget to the priority lane and polling."""
+
+    def __init__(self, capacity, per_second=0.0, clock=time.monotonic):
+        self.capacity, self.per_second, self._clock = capacity, per_second, clock
+        self._left, self._at = float(capacity), clock()
+
+    def take(self, wanted):
+        """How many of `wanted` writes may go now (they are counted)."""
+        now = self._clock()
+        self._left = min(float(self.capacity), self._left + (now - self._at) * self.per_second)
+        self._at = now
+        granted = min(wanted, int(self._left))
+        self._left -= granted
+        return granted
