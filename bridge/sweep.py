@@ -119,16 +119,16 @@ def write_pace(settings):
     return settings.g2a_requests_per_minute / 60 * SWEEP_G2A_SHARE / REQUESTS_PER_WRITE
 
 
-class WriteAllowance:
-    """Offer writes a sweep may send: `capacity` at its start, then refilled at `per_second` (up to capacity), so
-    a sweep of many minutes leaves G2A's budget to the priority lane and polling."""
+class Allowance:
+    """G2A calls (offer writes, price-limit look-ups) a pass may make: `capacity` at its start, then refilled at
+    `per_second` (up to capacity), so a sweep of many minutes leaves G2A's budget to the priority lane."""
 
     def __init__(self, capacity, per_second=0.0, clock=time.monotonic):
         self.capacity, self.per_second, self._clock = capacity, per_second, clock
         self._left, self._at = float(capacity), clock()
 
     def take(self, wanted):
-        """How many of `wanted` writes may go now (they are counted)."""
+        """How many of `wanted` calls may go now (they are counted)."""
         now = self._clock()
         self._left = min(float(self.capacity), self._left + (now - self._at) * self.per_second)
         self._at = now

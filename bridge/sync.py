@@ -3,8 +3,8 @@ sends those changes as G2A jobs and records what G2A confirmed. An unchanged cat
 """
 import json
 import logging
-import threading
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 WRITERS = 8  # PATCHes in flight at once; the shared RequestBudget still caps the rate
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
-LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups per sweep part, only for products about to get a price
+LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups a pass may start with, only for products about to get a price
 LANE_BACKOFF = 5.0  # seconds without lane passes after CWS failed to answer one
 MARKS_PER_PASS = 50  # postback marks the lane takes per run, oldest first
 LAST_PASS_KEY = "sync.last_pass"
@@ -214,6 +214,9 @@ def _idle_offers(states, changes, paused):
             and (why := inactive_reason(state, paused))]
 
 
+Allowances = namedtuple("Allowances", "writes lookups")
+
+
 class SyncEngine:
     """Reconciles G2A offers with CWS: the paced full sweep (page by page) and the priority lane."""
 
@@ -234,7 +237,7 @@ class SyncEngine:
         started = time.monotonic()
         self.catalogue.discover_if_needed(report)
         mapped = set(sweep.mapped_cws_ids())
-        allowance = sweep.WriteAllowance(self.max_writes, sweep.write_pace(self.settings))
+        allowance = self._allowances(sweep.write_pace(self.settings))
         self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
         mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing())
         progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
@@ -279,8 +282,12 @@ class SyncEngine:
             else:
                 self._lane_resume_at = time.monotonic() + LANE_BACKOFF
             # Reconciled even when CWS failed: a PRODUCT_HIDDEN postback already zeroed the stock it marked.
-            self._reconcile(mine, now, report, False, sweep.WriteAllowance(self.max_writes))
+            self._reconcile(mine, now, report, False, self._allowances())
         return self._finish(report, started)
+
+    def _allowances(self, per_second=0.0):
+        """Writes and price-limit look-ups one pass may send: a full allowance now, refilled at `per_second`."""
+        return Allowances(sweep.Allowance(self.max_writes, per_second), sweep.Allowance(LIMIT_LOOKUPS, per_second))
 
     def _reconcile(self, cws_ids, now, report, dry_run, allowance):
         if not cws_ids:
@@ -303,7 +310,7 @@ class SyncEngine:
     def _with_price_limits(self, changes, states, now, report, allowance):
         """Look up G2A's priceLimit for products about to get a price we never checked, and re-plan them."""
         unchecked = [c.g2a_id for c in changes if c.price is not None and not self.catalogue.limit_known(c.g2a_id)]
-        unchecked = unchecked[:allowance.take(min(len(unchecked), LIMIT_LOOKUPS))]
+        unchecked = unchecked[:allowance.lookups.take(len(unchecked))]
         learned = self.catalogue.look_up_limits(unchecked, report)
         if not learned:
             return changes
@@ -332,7 +339,7 @@ class SyncEngine:
         store_outcomes(held, now)
         writes = [change for change in changes if change.sends]
         # Most urgent first; the rest stay planned for the next sweep, so G2A's budget is never spent by sync alone.
-        granted = allowance.take(len(writes))
+        granted = allowance.writes.take(len(writes))
         writes, report.postponed = writes[:granted], report.postponed + len(writes) - granted
         if not writes:
             return

@@ -10,8 +10,8 @@ LAYERS = {
     0: {"errors", "log", "config", "db", "migrations"},
     1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock"},
-    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
-        "refresh", "doctor", "status", "metrics"},
+    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "sweep", "lane",
+        "postbacks", "refresh", "doctor", "status", "metrics"},
     3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
 }
 SIMULATOR = "sim"  # the package bridge/sim/: a side module, imported only by entry points
