@@ -13,18 +13,18 @@ from .errors import UpstreamError
 
 LISTING_KEY = "sync.catalogue"  # what the last complete catalogue listing cost: {"products", "pages", "at"}
 PROGRESS_KEY = "sync.sweep"  # the running or last sweep: started, mode, mapped, read, requests, finished, duration
-LIST_UNMEASURED_ABOVE = 250  # mapped products above which a catalogue never listed is listed (to learn its cost)
+LIST_UNMEASURED_ABOVE = 5  # productIds batches above which a catalogue never listed is listed (to learn its cost)
 PROGRESS_EVERY = 1.0  # seconds between progress writes
 REQUESTS_PER_WRITE = 3  # an offer write costs a PATCH and about two job polls
 SWEEP_G2A_SHARE = 0.5  # of the G2A request budget a long sweep may keep using
 
 
-def reading_plan(mapped, listing):
+def reading_plan(mapped, listing, batch_size=BATCH_SIZE):
     """("pages" or "batches", requests or None when unknown): the cheaper way to read `mapped` products, given
     the last complete listing ({"pages": n}, None when the catalogue was never listed)."""
-    batches = math.ceil(mapped / BATCH_SIZE)
+    batches = math.ceil(mapped / batch_size)
     if listing is None:
-        return ("pages", None) if mapped > LIST_UNMEASURED_ABOVE else ("batches", batches)
+        return ("pages", None) if batches > LIST_UNMEASURED_ABOVE else ("batches", batches)
     pages = int(listing["pages"])
     return ("pages", pages) if pages < batches else ("batches", batches)
 
@@ -46,21 +46,23 @@ def unmapped_only(mapped):
 
 
 
-def read(cws, mapped_ids, mode, clock, report):
-    """Yield the mapped ids each CWS answer covered, once it is stored; a CWS failure is reported and ends it."""
+def read(cws, mapped_ids, how, clock, report):
+    """Yield the mapped ids each CWS answer covered, once it is stored; `how` is ("pages", _) or ("batches", size).
+    A CWS failure is reported and ends the read."""
+    mode, batch_size = how
     try:
         if mode == "pages":
             yield from _pages(cws, set(mapped_ids), clock)
         else:
-            yield from _batches(cws, sorted(mapped_ids), clock)
+            yield from _batches(cws, sorted(mapped_ids), batch_size, clock)
     except UpstreamError as err:
         report.error(f"CWS products: {err}")
 
 
-def _batches(cws, ids, clock):
-    for start in range(0, len(ids), BATCH_SIZE):
-        wanted, now = set(ids[start:start + BATCH_SIZE]), clock()
-        infos = [info for page in cws.product_pages(ids[start:start + BATCH_SIZE]) for info in page]
+def _batches(cws, ids, size, clock):
+    for start in range(0, len(ids), size):
+        wanted, now = set(ids[start:start + size]), clock()
+        infos = [info for page in cws.product_pages(ids[start:start + size]) for info in page]
         unlist(wanted - store_answer(infos, wanted, now), now)  # a complete answer for these ids
         yield wanted
 

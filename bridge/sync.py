@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from . import db, lane, sweep
-from .catalogue import Catalogue, clear_marks
+from .catalogue import BATCH_SIZE, Catalogue, clear_marks
 from .errors import UpstreamError
 from .log import event
 from .offers import HOUR, Outcome, load_states, prune_price_changes, store_outcomes
@@ -225,6 +225,7 @@ class SyncEngine:
         self.catalogue = Catalogue(cws, g2a)
         self.writers, self.job_timeout = writers, job_timeout
         self.max_writes = writes_per_pass(settings)
+        self.batch_size = BATCH_SIZE
         self.inflight = lane.InFlight()
         self.hot = lane.HotReads(settings)
         self._lane_resume_at = 0.0
@@ -239,9 +240,9 @@ class SyncEngine:
         mapped = set(sweep.mapped_cws_ids())
         allowance = self._allowances(sweep.write_pace(self.settings))
         self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
-        mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing())
+        mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing(), self.batch_size)
         progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
-        for cws_ids in sweep.read(self.cws, mapped, mode, stamp, report):
+        for cws_ids in sweep.read(self.cws, mapped, (mode, self.batch_size), stamp, report):
             self._sweep_part(cws_ids, stamp(), report, dry_run, allowance)
             if progress:
                 progress.read(len(cws_ids))
