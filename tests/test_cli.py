@@ -153,8 +153,8 @@ def test_status_is_one_screen_and_exits_0_when_all_is_well(bridge_env, running):
     wait_for(lambda: run_cli(bridge_env, "status").returncode == 0)
     result = run_cli(bridge_env, "status")
     labels = [line.split("  ")[0] for line in result.stdout.splitlines()]
-    assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS balance", "notifications",
-                      "alerts", "worker", "all good"]
+    assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS state", "sweep", "CWS balance",
+                      "notifications", "alerts", "worker", "all good"]
     assert "2 in sync, 0 pending, 0 failed" in result.stdout
     assert "1000" in result.stdout
 
@@ -168,6 +168,8 @@ def test_status_json_has_every_figure(bridge_env, running):
     assert figures["orders"]["completed"] == 1
     assert figures["worker"]["heartbeat_age_seconds"] < 10
     assert figures["last_sync"]["age_seconds"] < 30
+    assert figures["cws_state"]["mapped"] == 2 and figures["cws_state"]["oldest_seconds"] < 30
+    assert figures["sweep"]["mapped"] == 2 and figures["sweep"]["last_duration_seconds"] is not None
     assert figures["attention"] == []
 
 
