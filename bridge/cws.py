@@ -48,6 +48,13 @@ class CwsProductInfo:
 
 
 @dataclass(frozen=True)
+class ProductPage:
+    """One GET /v3/products answer: its products, and whether CWS has a next page."""
+    items: list
+    more: bool
+
+
+@dataclass(frozen=True)
 class CwsCode:
     code_id: str
     kind: str  # "text" | "image" | "preorder"
@@ -122,16 +129,16 @@ class CwsClient:
         """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
         if product_ids is None:
             for page in self.product_pages():
-                yield from page
+                yield from page.items
             return
         ids = list(dict.fromkeys(product_ids))
         for start in range(0, len(ids), batch_size):
             for page in self.product_pages(ids[start:start + batch_size]):
-                yield from page
+                yield from page.items
 
     def product_pages(self, product_ids=None, updated_since=None):
-        """GET /v3/products page by page, each a list of CwsProductInfo: the products `product_ids` (one
-        productIds request), or the catalogue (only what changed since `updated_since`, an aware datetime)."""
+        """GET /v3/products as ProductPages: the products `product_ids` (one productIds request), or the
+        catalogue (only what changed since `updated_since`, an aware datetime, when CWS honours that)."""
         params = {}
         if product_ids is not None:
             params["productIds"] = ",".join(product_ids)
@@ -142,8 +149,8 @@ class CwsClient:
             page = self._upstream.request("GET", "/v3/products",
                                           params={**params, "continuationToken": token} if token else params)
             items = _list(_object(page, "products page"), "items", "products page", default=[])
-            yield [_product(item) for item in items]
             token = page.get("continuationToken")
+            yield ProductPage([_product(item) for item in items], bool(token))
             if not token:
                 return
             if token in seen:  # a server bug must not become an endless loop, nor a silently short list

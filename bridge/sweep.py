@@ -6,13 +6,15 @@ The pace is the CWS client's: it waits for its request budget, so the sweep spre
 import json
 import math
 import time
+from datetime import datetime
 
 from . import db
 from .catalogue import BATCH_SIZE, store_answer, unlist
 from .errors import UpstreamError
 
 LISTING_KEY = "sync.catalogue"  # what the last complete catalogue listing cost: {"products", "pages", "at"}
-PROGRESS_KEY = "sync.sweep"  # the running or last sweep: started, mode, mapped, read, requests, finished, duration
+PROGRESS_KEY = "sync.sweep"  # the running or last sweep (started, mode, mapped, read, finished, duration) and the
+# last complete one (last_started, last_duration)
 LIST_UNMEASURED_ABOVE = 5  # productIds batches above which a catalogue never listed is listed (to learn its cost)
 PROGRESS_EVERY = 1.0  # seconds between progress writes
 REQUESTS_PER_WRITE = 3  # an offer write costs a PATCH and about two job polls
@@ -62,7 +64,7 @@ def read(cws, mapped_ids, how, clock, report):
 def _batches(cws, ids, size, clock):
     for start in range(0, len(ids), size):
         wanted, now = set(ids[start:start + size]), clock()
-        infos = [info for page in cws.product_pages(ids[start:start + size]) for info in page]
+        infos = [info for page in cws.product_pages(ids[start:start + size]) for info in page.items]
         unlist(wanted - store_answer(infos, wanted, now), now)  # a complete answer for these ids
         yield wanted
 
@@ -75,8 +77,8 @@ def _pages(cws, wanted, clock):
         page = next(pages, None)
         if page is None:
             break
-        listed, requests = listed + len(page), requests + 1
-        covered = store_answer(page, wanted, now)
+        listed, requests = listed + len(page.items), requests + 1
+        covered = store_answer(page.items, wanted, now)
         seen |= covered
         yield covered
     gone = wanted - seen
@@ -90,8 +92,10 @@ class Progress:
 
     def __init__(self, started, mode, mapped, clock=time.monotonic):
         self._clock = clock
+        last = _last_figures()
         self.figures = {"started": started.isoformat(), "mode": mode, "mapped": mapped, "read": 0,
-                        "finished": None, "duration": None, "last_duration": _last_duration()}
+                        "finished": None, "duration": None, "last_duration": last.get("last_duration"),
+                        "last_started": last.get("last_started")}
         self._began = self._written = clock()
         self._save()
 
@@ -102,7 +106,7 @@ class Progress:
 
     def finish(self, finished):
         self.figures.update(finished=finished.isoformat(), duration=round(self._clock() - self._began, 3))
-        self.figures["last_duration"] = self.figures["duration"]
+        self.figures.update(last_duration=self.figures["duration"], last_started=self.figures["started"])
         self._save()
 
     def _save(self):
@@ -110,9 +114,15 @@ class Progress:
         db.put_setting(PROGRESS_KEY, json.dumps(self.figures))
 
 
-def _last_duration():
+def _last_figures():
     stored = db.get_setting(PROGRESS_KEY)
-    return None if stored is None else json.loads(stored).get("last_duration")
+    return {} if stored is None else json.loads(stored)
+
+
+def last_complete_start():
+    """When the last complete sweep began (everything it read is at least that fresh), or None."""
+    started = _last_figures().get("last_started")
+    return None if started is None else datetime.fromisoformat(started)
 
 
 def write_pace(settings):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from . import db, lane, sweep
+from . import db, delta, lane, sweep
 from .catalogue import BATCH_SIZE, Catalogue, clear_marks
 from .errors import UpstreamError
 from .log import event
@@ -228,6 +228,7 @@ class SyncEngine:
         self.batch_size = BATCH_SIZE
         self.inflight = lane.InFlight()
         self.hot = lane.HotReads(settings)
+        self.delta = delta.DeltaReads()
         self._lane_resume_at = 0.0
 
     def full_pass(self, now=None, dry_run=False):
@@ -262,6 +263,19 @@ class SyncEngine:
         report.paused = report.paused or self.pause.is_paused()
         with self.inflight.claim(cws_ids) as mine:
             self._reconcile(mine, now, report, dry_run, allowance)
+
+    def delta_pass(self, now=None):
+        """Read what CWS changed since the last read (updatedSince) and reconcile it; None when deltas are off
+        (no sweep finished yet, or CWS ignored the parameter lately)."""
+        now = now or self.clock()
+        since = self.delta.since(now)
+        if since is None:
+            return None
+        report = PassReport("delta", now, paused=self.pause.is_paused())
+        started = time.monotonic()
+        covered = self.delta.read(self.cws, set(sweep.mapped_cws_ids()), since, self.clock, report)
+        self._sweep_part(sorted(covered or ()), now, report, False, self._allowances())
+        return self._finish(report, started)
 
     def lane_pass(self, now=None):
         """Re-read (single GETs) and reconcile the products postbacks marked and the hot products due; None when

@@ -18,6 +18,7 @@ import schedule
 from . import alerts, db, pause
 from .auth import delete_expired_tokens
 from .crypto import load_key_box
+from .delta import EVERY as DELTA_EVERY
 from .cws import CwsClient
 from .errors import BridgeError, UpstreamError
 from .fulfillment import Fulfilment
@@ -279,6 +280,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("products.watch", 2.0, lambda now: watcher.poll()),
         Job("sync.lane", 0.5, checked(engine.lane_pass, metrics)),
         Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
+        Job("sync.delta", DELTA_EVERY, checked(engine.delta_pass, metrics)),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
         Job("cleanup", 60.0, cleanup, at_start=True),

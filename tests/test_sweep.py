@@ -3,12 +3,13 @@ lane that a sweep in progress never holds up."""
 import json
 import threading
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal as D
 
 import pytest
 
 from bridge import db
+from bridge.delta import STATE_KEY as DELTA_STATE_KEY
 from bridge.lane import InFlight, hot_products, near_a_bound
 from bridge.postbacks import handle
 from bridge.sweep import LISTING_KEY, PROGRESS_KEY, Allowance, reading_plan
@@ -216,3 +217,58 @@ def test_the_lane_re_reads_a_stale_hot_product_with_a_single_get(world):
     assert world.sim.cws.requests - reads == {"GET /v3/products/{id}": 1}
     assert report.writes == 1 and world.offer(low_g2a) == (D("6.48"), 0, False)
     assert world.engine.lane_pass() is None  # read just now, and the pace allows no second read yet
+
+
+# ---- delta reads (updatedSince) ----------------------------------------------------------
+
+def long_ago(world):
+    """The simulator's clock an hour back, so the products added now are old news to updatedSince."""
+    world.sim.cws.token_ttl = 10 * 3600
+    world.sim.cws.now = lambda: datetime.now(timezone.utc) - timedelta(hours=1)
+
+
+def test_a_delta_read_finds_a_silent_stock_out_with_one_request(world):
+    long_ago(world)
+    ordered = products(world, 8)
+    world.engine.full_pass()
+    world.sim.cws.now = lambda: datetime.now(timezone.utc)
+    g2a_id, cws_id = ordered[3]
+    world.sim.cws.set_quantity(cws_id, 0)
+    reads = world.sim.cws.requests.copy()
+    report = world.engine.delta_pass()
+    assert world.sim.cws.requests - reads == {"GET /v3/products": 1}
+    assert (report.products, report.writes) == (1, 1)
+    assert world.offer(g2a_id) == (D("6.48"), 0, False)
+    assert json.loads(db.get_setting(DELTA_STATE_KEY))["state"] == "honoured"
+
+
+def test_no_delta_is_read_before_a_sweep_finished(world):
+    products(world, 2)
+    assert world.engine.delta_pass() is None
+    assert world.sim.cws.requests["GET /v3/products"] == 0
+
+
+def test_deltas_stop_when_cws_ignores_updated_since_and_sweeps_carry_on(world, caplog):
+    ordered = products(world, 8)
+    world.engine.full_pass()
+    world.sim.cws.honour_updated_since, world.sim.cws.page_size = False, 2
+    reads = world.sim.cws.requests.copy()
+    world.engine.delta_pass()
+    assert world.sim.cws.requests - reads == {"GET /v3/products": 3}  # stopped at the third page of four
+    assert any(record.getMessage() == "sync.delta_ignored" for record in caplog.records)
+    assert json.loads(db.get_setting(DELTA_STATE_KEY))["state"] == "ignored"
+    assert world.engine.delta_pass() is None  # off for a while
+    world.sim.cws.set_quantity(ordered[0][1], 0)
+    world.engine.full_pass()
+    assert world.offer(ordered[0][0]) == (D("6.48"), 0, False)
+
+
+def test_an_answer_as_large_as_the_last_listing_is_not_a_delta(world):
+    products(world, 6)
+    world.engine.batch_size = 1  # the catalogue is listed, so its size is known
+    world.engine.full_pass()
+    world.sim.cws.honour_updated_since = False
+    reads = world.sim.cws.requests.copy()
+    world.engine.delta_pass()
+    assert world.sim.cws.requests - reads == {"GET /v3/products": 1}
+    assert json.loads(db.get_setting(DELTA_STATE_KEY))["state"] == "ignored"
