@@ -10,7 +10,7 @@ from . import db
 from .catalogue import store_answer
 from .errors import UpstreamError
 from .log import event
-from .sweep import last_complete_start, last_listing
+from .sweep import last_complete_start, last_listing, paced
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ class DeltaReads:
         starts = [moment for moment in (self._began, last_complete_start()) if moment is not None]
         return max(starts) - OVERLAP if starts else None
 
-    def read(self, cws, mapped, since, clock, report):
+    def read(self, cws, mapped, since, pacer, clock, report):
         """Store what changed since `since`; the mapped ids it covered, or None when CWS ignored the parameter
         (or failed: reported)."""
         began, covered, listed = clock(), set(), 0
         try:
-            for number, page in enumerate(cws.product_pages(updated_since=since), start=1):
+            for number, page in enumerate(paced(cws.product_pages(updated_since=since), pacer), start=1):
                 listed += len(page.items)
                 covered |= store_answer(page.items, mapped, clock())
                 if _not_a_delta(number, page.more, listed):

@@ -19,12 +19,12 @@ HOT_REFRESH = 30.0  # seconds between recomputing which products are hot
 HOT_SHARE = 0.5  # of the worker's single-product pace; the rest stays free for postbacks
 CREDIT_CAP = 3.0  # hot reads that may go at once after a quiet spell
 CHUNK = 500  # ids per IN (...) clause
-WORKER_PRODUCT_SHARE = 0.5  # the worker's half of the single-product budget (the web has the other half)
 
 
-def worker_product_pace(settings):
-    """Single-product GETs per second the worker may send: its half of the budget share of CWS's limit."""
-    return settings.cws_product_per_5_min * settings.upstream_budget_share * WORKER_PRODUCT_SHARE / 300
+def configured_product_pace(settings):
+    """Single-product GETs per second of the budget share of CWS's limit (web and worker together): the pace of a
+    client that carries no budgets."""
+    return settings.cws_product_per_5_min * settings.upstream_budget_share / 300
 
 
 def hot_products(now):
@@ -74,10 +74,10 @@ def near_a_bound(price, *bounds):
 
 class HotReads:
     """Which hot products to re-read now: those whose state is older than HOT_MAX_AGE, stalest first, at most
-    HOT_SHARE of the worker's single-product pace."""
+    HOT_SHARE of this process's single-product pace (`pace()`, None when unmetered: the configured share)."""
 
-    def __init__(self, settings, clock=time.monotonic):
-        self.pace = worker_product_pace(settings) * HOT_SHARE
+    def __init__(self, settings, pace, clock=time.monotonic):
+        self._pace = lambda: HOT_SHARE * (pace() or configured_product_pace(settings))
         self._clock = clock
         self._credit, self._at = 1.0, clock()
         self._hot, self._hot_at = set(), None
@@ -96,7 +96,7 @@ class HotReads:
 
     def _refill(self):
         at = self._clock()
-        self._credit = min(CREDIT_CAP, self._credit + (at - self._at) * self.pace)
+        self._credit = min(CREDIT_CAP, self._credit + (at - self._at) * self._pace())
         self._at = at
 
     def _current(self, now):

@@ -48,30 +48,42 @@ def unmapped_only(mapped):
 
 
 
-def read(cws, mapped_ids, how, clock, report):
-    """Yield the mapped ids each CWS answer covered, once it is stored; `how` is ("pages", _) or ("batches", size).
-    A CWS failure is reported and ends the read."""
+def read(cws, mapped_ids, how, pacer, clock, report):
+    """Yield the mapped ids each CWS answer covered, once it is stored; `how` is ("pages", _) or ("batches", size),
+    each request after `pacer`. A CWS failure is reported and ends the read."""
     mode, batch_size = how
     try:
         if mode == "pages":
-            yield from _pages(cws, set(mapped_ids), clock)
+            yield from _pages(paced(cws.product_pages(), pacer), set(mapped_ids), clock)
         else:
-            yield from _batches(cws, sorted(mapped_ids), batch_size, clock)
+            yield from _batches(cws, sorted(mapped_ids), batch_size, pacer, clock)
     except UpstreamError as err:
         report.error(f"CWS products: {err}")
 
 
-def _batches(cws, ids, size, clock):
+def paced(pages, pacer):
+    """The ProductPages of `pages` (each next() sends a request), every request after pacer.wait()."""
+    while True:
+        pacer.wait()
+        page = next(pages, None)
+        if page is None:
+            return
+        yield page
+        if not page.more:
+            return
+
+
+def _batches(cws, ids, size, pacer, clock):
     for start in range(0, len(ids), size):
         wanted, now = set(ids[start:start + size]), clock()
-        infos = [info for page in cws.product_pages(ids[start:start + size]) for info in page.items]
+        infos = [info for page in paced(cws.product_pages(ids[start:start + size]), pacer) for info in page.items]
         unlist(wanted - store_answer(infos, wanted, now), now)  # a complete answer for these ids
         yield wanted
 
 
-def _pages(cws, wanted, clock):
+def _pages(pages, wanted, clock):
     """The whole catalogue; mapped products it did not list are unlisted once the last page is in."""
-    seen, listed, requests, pages = set(), 0, 0, cws.product_pages()
+    seen, listed, requests = set(), 0, 0
     while True:
         now = clock()
         page = next(pages, None)
@@ -129,21 +141,3 @@ def write_pace(settings):
     """Offer writes per second a sweep may keep up: SWEEP_G2A_SHARE of the G2A budget (each write costs about
     REQUESTS_PER_WRITE requests)."""
     return settings.g2a_requests_per_minute / 60 * SWEEP_G2A_SHARE / REQUESTS_PER_WRITE
-
-
-class Allowance:
-    """G2A calls (offer writes, price-limit look-ups) a pass may make: `capacity` at its start, then refilled at
-    `per_second` (up to capacity), so a sweep of many minutes leaves G2A's budget to the priority lane."""
-
-    def __init__(self, capacity, per_second=0.0, clock=time.monotonic):
-        self.capacity, self.per_second, self._clock = capacity, per_second, clock
-        self._left, self._at = float(capacity), clock()
-
-    def take(self, wanted):
-        """How many of `wanted` calls may go now (they are counted)."""
-        now = self._clock()
-        self._left = min(float(self.capacity), self._left + (now - self._at) * self.per_second)
-        self._at = now
-        granted = min(wanted, int(self._left))
-        self._left -= granted
-        return granted

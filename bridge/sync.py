@@ -13,6 +13,7 @@ from . import db, delta, lane, sweep
 from .catalogue import BATCH_SIZE, Catalogue, clear_marks
 from .errors import UpstreamError
 from .log import event
+from .pacing import Allowance, Pacer
 from .offers import HOUR, Outcome, load_states, prune_price_changes, store_outcomes
 from .pricing import decide_price
 from .sweep import REQUESTS_PER_WRITE
@@ -227,7 +228,9 @@ class SyncEngine:
         self.max_writes = writes_per_pass(settings)
         self.batch_size = BATCH_SIZE
         self.inflight = lane.InFlight()
-        self.hot = lane.HotReads(settings)
+        self.budgets = getattr(cws, "budgets", None)  # budget.py's, when the client spends budgets
+        self.list_pacer = Pacer(lambda: self._pace("cws_list"))
+        self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
         self.delta = delta.DeltaReads()
         self._lane_resume_at = 0.0
 
@@ -243,7 +246,7 @@ class SyncEngine:
         self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
         mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing(), self.batch_size)
         progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
-        for cws_ids in sweep.read(self.cws, mapped, (mode, self.batch_size), stamp, report):
+        for cws_ids in sweep.read(self.cws, mapped, (mode, self.batch_size), self.list_pacer, stamp, report):
             self._sweep_part(cws_ids, stamp(), report, dry_run, allowance)
             if progress:
                 progress.read(len(cws_ids))
@@ -273,7 +276,7 @@ class SyncEngine:
             return None
         report = PassReport("delta", now, paused=self.pause.is_paused())
         started = time.monotonic()
-        covered = self.delta.read(self.cws, set(sweep.mapped_cws_ids()), since, self.clock, report)
+        covered = self.delta.read(self.cws, set(sweep.mapped_cws_ids()), since, self.list_pacer, self.clock, report)
         self._sweep_part(sorted(covered or ()), now, report, False, self._allowances())
         return self._finish(report, started)
 
@@ -300,9 +303,13 @@ class SyncEngine:
             self._reconcile(mine, now, report, False, self._allowances())
         return self._finish(report, started)
 
+    def _pace(self, budget):
+        """Requests per second this process may keep up in a budget class (None: the client is not metered)."""
+        return None if self.budgets is None else self.budgets[budget].per_second
+
     def _allowances(self, per_second=0.0):
         """Writes and price-limit look-ups one pass may send: a full allowance now, refilled at `per_second`."""
-        return Allowances(sweep.Allowance(self.max_writes, per_second), sweep.Allowance(LIMIT_LOOKUPS, per_second))
+        return Allowances(Allowance(self.max_writes, per_second), Allowance(LIMIT_LOOKUPS, per_second))
 
     def _reconcile(self, cws_ids, now, report, dry_run, allowance):
         if not cws_ids:

@@ -9,7 +9,7 @@ BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
     0: {"errors", "log", "config", "db", "migrations"},
     1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
-        "stock"},
+        "stock", "pacing"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report"},
     3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
