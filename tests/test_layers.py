@@ -10,7 +10,7 @@ LAYERS = {
     0: {"errors", "log", "config", "db", "migrations"},
     1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock", "pacing"},
-    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "sweep", "lane",
+    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report"},
     3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
 }

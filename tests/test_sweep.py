@@ -14,8 +14,7 @@ from bridge.lane import InFlight, hot_products, near_a_bound
 from bridge.postbacks import handle
 from bridge.pacing import Allowance, Pacer
 from bridge.sweep import LISTING_KEY, PROGRESS_KEY, reading_plan
-from test_sync import World  # noqa: F401  (the simulator world of the sync tests)
-from test_sync import world  # noqa: F401  (its fixture)
+from test_sync import world  # noqa: F401  (the simulator world of the sync tests, a fixture)
 
 IN_SYNC = ("6.48", 10, True)  # the offer of a CWS product at 5.00 with 10 keys
 

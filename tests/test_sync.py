@@ -17,7 +17,8 @@ from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, 
                               G2A_API_SECRET, Simulator)
 from bridge.stock import available_stock
 from bridge.offers import ProductState
-from bridge.sync import LAST_PASS_KEY, MISSING_OFFER, SyncEngine, inactive_reason, plan, plan_product, writes_per_pass
+from bridge.plan import MISSING_OFFER, inactive_reason, plan, plan_product
+from bridge.sync import LAST_PASS_KEY, SyncEngine, writes_per_pass
 
 NOW = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 PATCH = "PATCH /v3/sales/offers/{id}"
