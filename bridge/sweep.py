@@ -117,8 +117,10 @@ class Progress:
             self._save()
 
     def finish(self, finished):
+        """The sweep ended; it counts as the last complete one only if it read every mapped product."""
         self.figures.update(finished=finished.isoformat(), duration=round(self._clock() - self._began, 3))
-        self.figures.update(last_duration=self.figures["duration"], last_started=self.figures["started"])
+        if self.figures["read"] >= self.figures["mapped"]:
+            self.figures.update(last_duration=self.figures["duration"], last_started=self.figures["started"])
         self._save()
 
     def _save(self):

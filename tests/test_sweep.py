@@ -117,6 +117,9 @@ def test_a_cws_failure_mid_sweep_keeps_what_was_read_and_unlists_nothing(world):
     assert report.errors and "CWS products" in report.errors[0]
     assert world.offer(ordered[0][0]) == (D("6.48"), 0, False)  # the first batch was reconciled
     assert all(db.CwsProduct.get_by_id(cws_id).listed for _, cws_id in ordered)
+    progress = json.loads(db.get_setting(PROGRESS_KEY))
+    assert progress["read"] == 2 and progress["finished"] and progress["last_started"] is None  # not complete
+    assert world.engine.delta_pass() is None  # no complete sweep to read changes since
 
 
 def test_a_write_allowance_refills_over_time_up_to_its_capacity():
