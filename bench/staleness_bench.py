@@ -74,8 +74,9 @@ def enforce_limits(sim):
 
 
 def throttled(fake):
-    """429 answers so far, by route, as far as the simulator counts them."""
-    return dict(getattr(fake, "throttled", {}) or {})
+    """429 answers so far, by rate class, as far as the simulator counts them."""
+    counts = getattr(fake, "rate_counts", None)
+    return counts()["throttled"] if callable(counts) else {}
 
 
 def stopped_at(patches, wanted):
