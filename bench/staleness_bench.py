@@ -30,9 +30,8 @@ from bridge.pricing import decide_price
 from bridge.sim import CWS_CLIENT_SIGNATURE
 
 PROFIT, FEE = Decimal("0.50"), Decimal("0.15")
-# (class, simulator route, limit, window in minutes): cws.md 5.3, the defaults of the CWS_*_REQUESTS_* variables.
-CLASSES = [("token", "POST /oauth/token", 50, 5), ("list", "GET /v3/products", 400, 10),
-           ("product", "GET /v3/products/{id}", 600, 5)]
+# (the simulator's rate class, limit, window in minutes): cws.md 5.3, the defaults of the CWS_*_REQUESTS_* variables.
+CLASSES = [("token", 50, 5), ("list", 400, 10), ("product", 600, 5)]
 SHARE = 0.9  # UPSTREAM_BUDGET_SHARE
 POLL = 0.1  # seconds between looks at the fake G2A's write log
 RESERVE_AFTER = 0.5  # seconds after a silent stock-out
@@ -48,7 +47,7 @@ def entry(i):
 def seed(sim, size, page_size, honour_updated_since):
     """Every product in CWS and its G2A offer already right (the first sweep sends nothing); the commands below."""
     sim.cws.page_size, sim.cws.honour_updated_since, sim.g2a.job_polls = page_size, honour_updated_since, 0
-    enforce_limits(sim)
+    sim.cws.limits.enforce()  # cws.md 5.3: 429 beyond
     offers = {}
     for i in range(size):
         cws_id, g2a_id, cost, quantity = entry(i)
@@ -61,22 +60,8 @@ def seed(sim, size, page_size, honour_updated_since):
         "offer_id": offers.get,
         "patch_count": lambda: len(sim.g2a.patches),
         "stopped_at": lambda wanted: stopped_at(sim.g2a.patches, wanted),
-        "requests": lambda: dict(sim.cws.requests),
-        "throttled": lambda: throttled(sim.cws),
+        "counts": sim.cws.limits.counts,
     }
-
-
-def enforce_limits(sim):
-    """Turn on the simulator's cws.md 5.3 limits when it has them (the rate-limit knobs of issue 11)."""
-    knob = getattr(sim.cws, "enforce_limits", None)
-    if callable(knob):
-        knob()
-
-
-def throttled(fake):
-    """429 answers so far, by rate class, as far as the simulator counts them."""
-    counts = getattr(fake, "rate_counts", None)
-    return counts()["throttled"] if callable(counts) else {}
 
 
 def stopped_at(patches, wanted):
@@ -171,11 +156,12 @@ def measure(args, remote, folder):
         figures = {"first_sweep_s": time.monotonic() - started}
         run, stop = Run(remote, base, args), threading.Event()
         watcher = threading.Thread(target=run.watch, args=(stop,), daemon=True)
-        before, began = remote.requests(), time.monotonic()
+        before, began = remote.counts()["requests"], time.monotonic()
         watcher.start()
         run.events(args.minutes * 60)
         elapsed = time.monotonic() - began
-        after, throttled = remote.requests(), remote.throttled()
+        counts = remote.counts()
+        after, throttled = counts["requests"], counts["throttled"]
         deadline = time.monotonic() + args.drain
         while run.pending and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -205,12 +191,9 @@ def last_sweep(folder):
 
 
 def rates(before, after, seconds):
-    """{class: requests per minute} over the measured window; "other" is every other CWS route."""
-    delta = {route: after.get(route, 0) - before.get(route, 0) for route in after}
-    found = {name: delta.get(route, 0) * 60 / seconds for name, route, _, _ in CLASSES}
-    named = {route for _, route, _, _ in CLASSES}
-    found["other"] = sum(count for route, count in delta.items() if route not in named) * 60 / seconds
-    return found
+    """{rate class: requests per minute} over the measured window (web and worker together)."""
+    return {name: (after.get(name, 0) - before.get(name, 0)) * 60 / seconds for name in ("token", "list", "product",
+                                                                                       "other")}
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -229,15 +212,14 @@ def report(args, f):
              f"(first sweep took {f['first_sweep_s']:.0f} s) ==",
              "CWS requests per minute (web + worker) against the limit:"]
     shares = []
-    for name, _, limit, window in CLASSES:
+    for name, limit, window in CLASSES:
         per_minute = limit / window
         share = f["rates"][name] / per_minute
         shares.append(share)
         lines.append(f"  {name:<8} {f['rates'][name]:7.1f}/min of {per_minute:5.1f}/min  ({share:.0%})")
     lines.append(f"  other    {f['rates']['other']:7.1f}/min (no published limit)")
     throttled = sum(f["throttled"].values())
-    lines.append(f"429 answers: {throttled}" + ("" if f["throttled"] or throttled else
-                                               " (as counted by the simulator, if it enforces the limits)"))
+    lines.append(f"429 answers: {throttled} {f['throttled'] or ''}")
     silent, postback = f["latency"]["silent"], f["latency"]["postback"]
     lines += [f"stock-out -> G2A, silent:        {quantiles(silent)}",
               f"stock-out -> G2A, with postback: {quantiles(postback)}",

@@ -9,6 +9,7 @@ from peewee import PeeweeException
 
 from . import db, demo, doctor, pause, report, sim, status, web, worker
 from . import log as logsetup
+from .budget import budgets_for
 from .config import load_settings
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError
@@ -40,7 +41,7 @@ def setup_logging(settings, args):
 
 
 def fulfilment_for(settings):
-    return worker.fulfilment_for(settings, CwsClient(settings))
+    return worker.fulfilment_for(settings, CwsClient(settings, budgets=budgets_for(settings, "cli")))
 
 
 def _cmd_web(args):
@@ -87,7 +88,8 @@ def _cmd_resume(args):
 def _cmd_sync(args):
     settings = start(args)
     MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee).poll()
-    engine = SyncEngine(settings, *worker.upstream_clients(settings), pause.PauseSwitch(settings.service_enabled))
+    clients = worker.upstream_clients(settings, role="cli")
+    engine = SyncEngine(settings, *clients, pause.PauseSwitch(settings.service_enabled))
     report = engine.full_pass(db.utcnow(), dry_run=args.dry_run)
     for change in report.changes:
         print(change)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from urllib.parse import quote
 
+from .budget import UNMETERED
 from .config import CWS_HOSTS
 from .errors import OutcomeUnknown, UpstreamError
 from .log import event
@@ -113,17 +114,25 @@ class CwsAccount:
 
 
 class CwsClient:
-    """The CWS v3 API as plain values; one token and one connection pool per client object."""
+    """The CWS v3 API as plain values; one token and one connection pool per client object. `budgets` (budget.py)
+    meter each endpoint class; the purchase and its polling are counted but never held back."""
 
-    def __init__(self, settings, sleep=time.sleep, observer=None, clock=time.monotonic):
+    def __init__(self, settings, budgets=None, sleep=time.sleep, observer=None, clock=time.monotonic):
         self._token = TokenCache(lambda: fetch_client_token(
-            self._upstream, "/oauth/token", settings.cws_client_id, settings.cws_client_secret), clock=clock)
+            self._upstream, "/oauth/token", settings.cws_client_id, settings.cws_client_secret, "cws_token"),
+            clock=clock)
         self._upstream = Upstream("cws", settings.cws_base_url, settings.cws_timeout, settings.cws_retry_max,
-                                  token=self._token, allowed_hosts=CWS_HOSTS, sleep=sleep, observer=observer)
+                                  token=self._token, allowed_hosts=CWS_HOSTS, budgets=budgets, sleep=sleep,
+                                  observer=observer)
 
     @property
     def token_age(self):
         return self._token.age_seconds
+
+    @property
+    def budgets(self):
+        """The request budgets this client spends (None: unmetered)."""
+        return self._upstream.budgets
 
     def products(self, product_ids=None, batch_size=50):
         """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
@@ -146,7 +155,7 @@ class CwsClient:
             params["updatedSince"] = _iso(updated_since)
         seen, token = set(), None
         while True:
-            page = self._upstream.request("GET", "/v3/products",
+            page = self._upstream.request("GET", "/v3/products", budget="cws_list",
                                           params={**params, "continuationToken": token} if token else params)
             items = _list(_object(page, "products page"), "items", "products page", default=[])
             token = page.get("continuationToken")
@@ -157,10 +166,11 @@ class CwsClient:
                 raise UpstreamError("cws", "products paging repeated a continuationToken; list incomplete")
             seen.add(token)
 
-    def product(self, product_id):
-        """One product, or None when CWS does not list it (404, usually code 20001)."""
+    def product(self, product_id, wait=True):
+        """One product, or None when CWS does not list it (404, usually code 20001). wait=False: BudgetSpent when
+        the single-product budget has no slot free now."""
         try:
-            body = self._get(f"/v3/products/{_segment(product_id)}", "/v3/products/{id}")
+            body = self._get(f"/v3/products/{_segment(product_id)}", "/v3/products/{id}", "cws_product", wait)
         except UpstreamError as err:
             if err.status == 404:
                 return None
@@ -171,14 +181,14 @@ class CwsClient:
         """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead)."""
         body = {"allowPreOrder": bool(allow_preorder), "orderId": client_order_id,
                 "products": [_order_line(*line) for line in lines]}
-        answer = self._upstream.request("POST", "/v3/orders", json_body=body, idempotent=False)
+        answer = self._upstream.request("POST", "/v3/orders", budget=UNMETERED, json_body=body, idempotent=False)
         try:
             return _order(answer)
         except UpstreamError as err:  # CWS accepted something we cannot read: recover by client order id
             raise OutcomeUnknown("cws", f"order {client_order_id} accepted but unreadable: {err}") from err
 
     def order(self, cws_order_id):
-        return _order(self._get(f"/v3/orders/{_segment(cws_order_id)}", "/v3/orders/{id}"))
+        return _order(self._get(f"/v3/orders/{_segment(cws_order_id)}", "/v3/orders/{id}", UNMETERED))
 
     def find_orders(self, client_order_id, around):
         """Orders carrying our client order id, from the history around `around` (an aware datetime).
@@ -187,24 +197,24 @@ class CwsClient:
         day = around.astimezone(datetime.timezone.utc).date()
         one_day = datetime.timedelta(days=1)
         params = {"startFrom": (day - one_day).isoformat(), "endOn": (day + one_day).isoformat()}
-        body = self._upstream.request("GET", "/v3/orders", params=params)
+        body = self._upstream.request("GET", "/v3/orders", budget="cws_other", params=params)
         items = body if isinstance(body, list) else _list(body, "items", "order history", default=[])
         # Filter before parsing, so one odd unrelated item cannot block crash recovery.
         return [_order(item) for item in items
                 if isinstance(item, dict) and item.get("clientOrderId") == client_order_id]
 
     def code(self, code_id):
-        return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}"), f"code {code_id}")
+        return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}", UNMETERED), f"code {code_id}")
 
     def account(self):
-        body = self._get("/v3/accounts/current", "/v3/accounts/current")
+        body = self._get("/v3/accounts/current", "/v3/accounts/current", "cws_other")
         balance = _money(body, "currentBalance", "account")
         credit = _money(body, "currentCredit", "account", optional=True) or Decimal("0")
         total = _money(body, "totalToUse", "account", optional=True)
         return CwsAccount(balance, credit, balance + credit if total is None else total)
 
-    def _get(self, path, endpoint):
-        return self._upstream.request("GET", path, endpoint=endpoint)
+    def _get(self, path, endpoint, budget, wait=True):
+        return self._upstream.request("GET", path, budget=budget, wait=wait, endpoint=endpoint)
 
 
 def _iso(moment):

@@ -6,6 +6,7 @@ reservation, one order per G2A order id, one CWS client order id, one item per C
 import contextlib
 import datetime
 import json
+import os
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -194,9 +195,10 @@ class PooledKey(BaseModel):
 
 
 class ApiToken(BaseModel):
-    """An access token we issued to G2A, stored as its SHA-256 only."""
+    """An access token we issued, stored as its SHA-256 only, with the pair it was issued to."""
     token_hash = CharField(primary_key=True, max_length=64)
     client_id = CharField(max_length=128)
+    scope = CharField(max_length=16, default="contract")  # auth.CONTRACT or auth.METRICS
     created_at = UtcDateTimeField(default=utcnow)
     expires_at = UtcDateTimeField(index=True)
 
@@ -272,10 +274,21 @@ def _sqlite(path):
     # sqlite:///relative.db -> "/relative.db" after the scheme; sqlite:////abs.db -> "//abs.db".
     path = path[1:] if path.startswith("/") else path
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(path))
     # synchronous=FULL: a committed purchase claim must survive a power cut, not just a crash.
     return SqliteDatabase(path, timeout=8, check_same_thread=False, pragmas={
         "journal_mode": "wal", "busy_timeout": 8000, "foreign_keys": 1, "synchronous": "full"})
+
+
+def _create_private(path):
+    """A new database file 0600 in a new folder 0700, whatever the umask (SQLite makes its -wal and -shm files with
+    the database file's mode); existing ones are left as the operator set them."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def is_sqlite(db=None):

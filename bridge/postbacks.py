@@ -73,12 +73,6 @@ def _mark_dirty(payload, now):
     return ids
 
 
-def _hide(payload, now):
-    ids = _mark_dirty(payload, now)
-    if ids:
-        db.CwsProduct.update(listed=False, quantity=0).where(db.CwsProduct.id.in_(ids)).execute()
-
-
 def _preorder(payload, now):
     """A pre-ordered key was assigned: make fulfilment poll the order now (by CWS order id, or by code id)."""
     order_id, code_id = payload.get("orderId"), payload.get("codeId")
@@ -94,4 +88,6 @@ def _preorder(payload, now):
     event(log, "postback.preorder", cws_order=order_id, code_id=code_id, orders=query.execute())
 
 
-ACTIONS = {"STOCK": _mark_dirty, "PRODUCT_UPDATED": _mark_dirty, "PRODUCT_HIDDEN": _hide, "PREORDER": _preorder}
+# PRODUCT_HIDDEN too only marks: the authHash is the same for every postback, so a captured one could be replayed
+# forever; CWS's own answer to the re-read is what takes a product off sale.
+ACTIONS = {"STOCK": _mark_dirty, "PRODUCT_UPDATED": _mark_dirty, "PRODUCT_HIDDEN": _mark_dirty, "PREORDER": _preorder}

@@ -10,6 +10,9 @@ from peewee import fn
 
 from . import db, freshness, lease, pause
 
+WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
+BUDGET_SERIES = {"g2a_bridge_upstream_budget_used": "used", "g2a_bridge_upstream_budget_limit": "limit",
+                 "g2a_bridge_upstream_throttled_total": "throttled"}
 SYNC_KEY = "sync.last_pass"
 SYNC_SUCCESS_KEY = "sync.last_success"
 BALANCE_KEY = "cws.balance"
@@ -32,6 +35,7 @@ def collect(settings, now):
             db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
         "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
         "worker": _worker(now),
+        "upstream_budgets": worker_budgets(),
     }
     figures["attention"] = attention(figures, settings)
     return figures
@@ -97,6 +101,24 @@ def _worker(now):
     return {"holder": row.holder, "heartbeat_age_seconds": round((now - row.heartbeat_at).total_seconds(), 1)}
 
 
+def worker_snapshot():
+    """The worker's metric families as it last published them, as stored (JSON-able dicts)."""
+    stored = db.get_setting(WORKER_SNAPSHOT_KEY)
+    return [] if stored is None else json.loads(stored)
+
+
+def worker_budgets():
+    """{class: {"used", "limit", "throttled"}} of the worker's request budgets at its last heartbeat (429s counted
+    since it started); {} before its first."""
+    budgets = {}
+    for family in worker_snapshot():
+        for name, labels, value in family["samples"]:
+            if name in BUDGET_SERIES:
+                budgets.setdefault(labels["class"], {"used": 0, "limit": None, "throttled": 0})[
+                    BUDGET_SERIES[name]] = int(value)
+    return budgets
+
+
 def attention(figures, settings):
     """One line per thing that needs the operator, with what to do about it."""
     lines = []
@@ -141,10 +163,19 @@ def render(figures):
         ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
         ("worker", _worker_text(figures["worker"])),
+        ("budgets", budgets_text(figures["upstream_budgets"])),
     ]
     lines = [f"{label:<14} {value}" for label, value in rows]
     lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
     return "\n".join(lines)
+
+
+def budgets_text(budgets):
+    """One line: each class's requests in its window / the worker's limit, and its 429s."""
+    if not budgets:
+        return "unknown (the worker publishes it every 5 s)"
+    return ", ".join(f"{name} {row['used']}/{'-' if row['limit'] is None else row['limit']}"
+                     + (f" ({row['throttled']}x429)" if row["throttled"] else "") for name, row in budgets.items())
 
 
 def _sync_text(sync):

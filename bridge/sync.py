@@ -19,7 +19,7 @@ from .sweep import REQUESTS_PER_WRITE
 
 log = logging.getLogger(__name__)
 
-WRITERS = 8  # PATCHes in flight at once; the shared RequestBudget still caps the rate
+WRITERS = 8  # PATCHes in flight at once; the g2a request budget (budget.py) still caps the rate
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
 LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups a pass may start with, only for products about to get a price

@@ -76,7 +76,7 @@ class Outage:
         if request.path.startswith("/_sim/"):
             return type(self.fake).handle(self.fake, request)
         self.dropped.append(f"{request.method} {request.path}")
-        return None, b"", self.hang
+        return None, b"", self.hang, {}
 
 
 def client_order(g2a_order_id):

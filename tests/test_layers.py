@@ -8,7 +8,7 @@ import pytest
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
     0: {"errors", "log", "config", "db", "migrations"},
-    1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
+    1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock", "pacing"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report"},

@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 
 import requests
 
+from .limits import RateLimits
 from .server import BadRequest, FakeApi, HttpError, Reply, Route, to_json
 
 CWS_CLIENT_ID = "ff72ce315d1259e822f47d87d02d261e"
@@ -31,6 +32,8 @@ BAD_REQUEST, PRICE_CHANGED, OUT_OF_STOCK, ORDER_NOT_FOUND = 40000, 40003, 40004,
 CODE_LABELS = {"CODE_TEXT": "Text code", "CODE_IMAGE": "Image code",
                "CODE_PREORDER": "Pre-ordered code", "PRE_ORDER": "Pre-ordered code"}
 CENT = Decimal("0.01")
+# cws.md §5.3: requests per window (seconds) by rate class, as CWS support reportedly enforces them.
+SECTION_5_3 = {"token": (50, 300.0), "list": (400, 600.0), "product": (600, 300.0)}
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 
@@ -89,6 +92,19 @@ def parse_bound(text, end):
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def cws_rate_class(request):
+    """The §5.3 class a request counts against (None for /_sim/ control calls)."""
+    if request.path.startswith("/_sim/"):
+        return None
+    if (request.method, request.path) == ("POST", "/oauth/token"):
+        return "token"
+    if request.method == "GET" and request.path.rstrip("/") == "/v3/products":
+        return "list"
+    if request.method == "GET" and request.path.count("/") == 3 and request.path.startswith("/v3/products/"):
+        return "product"
+    return "other"
+
+
 @dataclass
 class _Product:
     product_id: str
@@ -138,13 +154,16 @@ class FakeCws(FakeApi):
     Knobs: token_ttl, token_shape ("oauth"/"spring"), page_size (GET /v3/products), honour_updated_since (False: the
     listing ignores updatedSince, as CWS may), balance, delay, hang_seconds, now (a
     clock returning an aware datetime: token expiry and createdOn), per-product fulfilment modes (MODES),
-    fail_next faults. Choices where CWS is undocumented: an order with pre-order placeholders is
+    fail_next faults, rate limits per class token/list/product/other (`limits`, limits.py: off unless
+    rate_limits= or limits.enforce() turns them on; limits.throttle() answers 429 to a class for a while;
+    limits.counts() counts requests and 429s per class). Choices where CWS is undocumented: an order with pre-order placeholders is
     "Completed" (only codeType tells); "fail" stores a Cancelled order without charging; a repeated
     client orderId makes a new order; GET /v3/orders/{clientOrderId} is 404; codes 40000 (bad request),
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
     """
 
-    def __init__(self):
+    def __init__(self, rate_limits=None, retry_after=True):
+        self.limits = RateLimits(rate_limits, retry_after, defaults=SECTION_5_3)
         self.token_ttl = 3600
         self.token_shape = "oauth"
         self.page_size = 100
@@ -177,6 +196,8 @@ class FakeCws(FakeApi):
             Route("GET", "/_sim/orders", lambda request: {"items": self.orders}),
             Route("POST", "/_sim/faults", self._control_faults),
             Route("POST", "/_sim/listing", self._control_listing),
+            Route("POST", "/_sim/limits", lambda request: self.limits.control(request.json())),
+            Route("GET", "/_sim/limits", lambda request: self.limits.counts()),
         ]
 
     def error_body(self, status, message):
@@ -249,6 +270,16 @@ class FakeCws(FakeApi):
         response = requests.post(url, data=to_json(body), headers={"Content-Type": "application/json"},
                                  timeout=10)
         return response.status_code
+
+    # ---- rate limits (cws.md §5.3) -----------------------------------------------------------
+
+    def handle(self, request):
+        rate_class = cws_rate_class(request)
+        wait = 0 if rate_class is None else self.limits.admit(rate_class)
+        if wait <= 0:
+            return super().handle(request)
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.limits.retry_after else {}
+        return self._encode(Reply(429, cws_error(429, 429, "Too many requests").body, headers=headers))
 
     # ---- auth -------------------------------------------------------------------------------
 
