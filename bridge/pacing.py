@@ -5,12 +5,14 @@ minutes' budget in one and then stall, which is what freshness cannot afford.
 import threading
 import time
 
+BURST = 5  # requests a Pacer lets go at once after a quiet spell
+
 
 class Pacer:
     """Requests at `rate()` per second (None: no pacing), shared by threads, with a burst of `burst` after a quiet
     spell so a small catalogue never waits."""
 
-    def __init__(self, rate, burst=5, clock=time.monotonic, sleep=time.sleep):
+    def __init__(self, rate, burst=BURST, clock=time.monotonic, sleep=time.sleep):
         self.rate, self.burst, self._clock, self._sleep = rate, burst, clock, sleep
         self._lock = threading.Lock()
         self._tokens, self._at = float(burst), clock()

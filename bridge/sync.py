@@ -80,15 +80,16 @@ Allowances = namedtuple("Allowances", "writes lookups")
 class SyncEngine:
     """Reconciles G2A offers with CWS: the paced full sweep (page by page) and the priority lane."""
 
-    def __init__(self, settings, cws, g2a, pause_switch, clock=db.utcnow, writers=WRITERS, job_timeout=JOB_TIMEOUT):
+    def __init__(self, settings, cws, g2a, pause_switch, clock=db.utcnow, writers=WRITERS, job_timeout=JOB_TIMEOUT,
+                 list_pacer=None):
         self.settings, self.cws, self.g2a, self.pause, self.clock = settings, cws, g2a, pause_switch, clock
         self.catalogue = Catalogue(cws, g2a)
         self.writers, self.job_timeout = writers, job_timeout
         self.max_writes = writes_per_pass(settings)
         self.batch_size = BATCH_SIZE
         self.inflight = lane.InFlight()
-        self.budgets = getattr(cws, "budgets", None)  # budget.py's, when the client spends budgets
-        self.list_pacer = Pacer(lambda: self._pace("cws_list"))
+        self.budgets = cws.budgets  # budget.py's (None: an unmetered client)
+        self.list_pacer = list_pacer or Pacer(lambda: self._pace("cws_list"))
         self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
         self.delta = delta.DeltaReads()
         self._lane_resume_at = 0.0
@@ -165,7 +166,7 @@ class SyncEngine:
                 clear_marks({cws_id: marks[cws_id] for cws_id in mine if cws_id in marks})
             else:
                 self._lane_resume_at = time.monotonic() + LANE_BACKOFF
-            # Reconciled even when CWS failed: a PRODUCT_HIDDEN postback already zeroed the stock it marked.
+            # Reconciled even when CWS failed: stock may have moved here meanwhile (reservations, purchases).
             self._reconcile(mine, now, report, False, self._allowances())
         return self._finish(report, started)
 
