@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -48,11 +49,13 @@ def seed(sim, size, page_size, honour_updated_since):
     """Every product in CWS and its G2A offer already right (the first sweep sends nothing); the commands below."""
     sim.cws.page_size, sim.cws.honour_updated_since, sim.g2a.job_polls = page_size, honour_updated_since, 0
     sim.cws.limits.enforce()  # cws.md 5.3: 429 beyond
-    offers = {}
+    clock, offers = sim.cws.now, {}
+    sim.cws.now = lambda: clock() - timedelta(days=1)  # the catalogue is old news to updatedSince
     for i in range(size):
         cws_id, g2a_id, cost, quantity = entry(i)
         sim.cws.add_product(cws_id, quantity, [(1, None, str(cost))])
         offers[g2a_id] = sim.g2a.add_offer(g2a_id, decide_price(cost, PROFIT, FEE).price, quantity, active=True)
+    sim.cws.now = clock
     return {
         "set_quantity": sim.cws.set_quantity,
         "set_prices": sim.cws.set_prices,

@@ -18,7 +18,7 @@ EVERY = 10.0  # seconds between delta reads (one list request each while little 
 MAX_PAGES = 3  # a longer answer is taken as "updatedSince ignored" (or too much changed): a sweep does better
 IGNORED_SHARE = 0.5  # an answer listing this share of the last full listing was not a delta
 OVERLAP = timedelta(seconds=60)  # read a little before the last read began: CWS's clock is not ours
-RETRY = timedelta(minutes=30)  # after an ignored delta, sweeps alone until then
+RETRY = timedelta(minutes=5)  # after an ignored delta, sweeps alone until then (a retry costs at most MAX_PAGES)
 STATE_KEY = "sync.delta"  # {"state": "honoured" | "ignored", "at": iso}
 
 
