@@ -88,7 +88,6 @@ class SyncEngine:
         self.max_writes = writes_per_pass(settings)
         self.batch_size = BATCH_SIZE
         self.inflight = lane.InFlight()
-        self.budgets = cws.budgets  # budget.py's (None: an unmetered client)
         self.list_pacer = list_pacer or Pacer(lambda: self._pace("cws_list"))
         self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
         self.delta = delta.DeltaReads()
@@ -172,7 +171,8 @@ class SyncEngine:
 
     def _pace(self, budget):
         """Requests per second this process may keep up in a budget class (None: the client is not metered)."""
-        return None if self.budgets is None else self.budgets[budget].per_second
+        budgets = self.cws.budgets
+        return None if budgets is None else budgets[budget].per_second
 
     def _allowances(self, per_second=0.0):
         """Writes and price-limit look-ups one pass may send: a full allowance now, refilled at `per_second`."""
