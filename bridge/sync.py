@@ -24,6 +24,8 @@ JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
 LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups a pass may start with, only for products about to get a price
 LANE_BACKOFF = 5.0  # seconds without lane passes after CWS failed to answer one
+QUIET = 60.0  # seconds without optional reads (hot products, delta reads) after any CWS read failed
+SWEEP_BACKOFF_CAP = 60.0  # seconds: the longest wait before the next sweep after sweeps that could not read CWS
 MARKS_PER_PASS = 50  # postback marks the lane takes per run, oldest first
 LAST_PASS_KEY = "sync.last_pass"
 LAST_SUCCESS_KEY = "sync.last_success"  # written by each full pass that succeeded
@@ -46,6 +48,7 @@ class PassReport:
     deferred: int = 0
     postponed: int = 0  # writes left for the next pass by the per-pass cap
     errors: list = field(default_factory=list)
+    cws_failed: bool = False  # a CWS read failed (set where it is reported)
     inactive: list = field(default_factory=list)  # dry runs: "<g2a id> stays inactive: <why>" for idle offers
     finished: object = None
     duration: float = 0.0
@@ -58,6 +61,10 @@ class PassReport:
     def error(self, message):
         if len(self.errors) < 20:
             self.errors.append(message)
+
+    def cws_error(self, message):
+        self.cws_failed = True
+        self.error(message)
 
     def as_json(self):
         return json.dumps({"kind": self.kind, "started": self.started.isoformat(),
@@ -91,11 +98,15 @@ class SyncEngine:
         self.list_pacer = list_pacer or Pacer(lambda: self._pace("cws_list"))
         self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
         self.delta = delta.DeltaReads()
-        self._lane_resume_at = 0.0
+        self._lane_resume_at = self._quiet_until = self._sweep_resume_at = 0.0
+        self._failed_sweeps = 0
 
     def full_pass(self, now=None, dry_run=False):
         """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
-        arrives; with dry_run the changes are planned (CWS and offers read) but not sent."""
+        arrives; with dry_run the changes are planned (CWS and offers read) but not sent. None while backing off
+        after sweeps that could not read CWS."""
+        if time.monotonic() < self._sweep_resume_at:
+            return None
         report = PassReport("full", now or self.clock(), paused=self.pause.is_paused())
         stamp = self.clock if now is None else (lambda: now)
         started = time.monotonic()
@@ -112,6 +123,18 @@ class SyncEngine:
         self._finish(report, started)
         return self._dry_run_listed(report) if dry_run else self._recorded(report, progress)
 
+    def _back_off_sweeps(self, failed):
+        """After a sweep that could not read CWS the next waits 1, 2, 4 ... intervals (at most a minute): each
+        attempt also spends a token request, and an outage must not use up that budget before CWS is back."""
+        self._failed_sweeps = self._failed_sweeps + 1 if failed else 0
+        wait = 0.0 if not failed else min(SWEEP_BACKOFF_CAP, self.settings.sync_interval * 2 ** (self._failed_sweeps - 1))
+        self._sweep_resume_at = time.monotonic() + wait
+
+    def _optional_reads_allowed(self):
+        """Hot products and delta reads only add to what CWS is asked; after a CWS failure they wait QUIET seconds
+        (each failed call also spends a token request), while sweeps and postback marks carry on."""
+        return time.monotonic() >= self._quiet_until
+
     @staticmethod
     def _dry_run_listed(report):
         """The planned changes most urgent first, and the idle offers by G2A id, as `sync --dry-run` prints them."""
@@ -119,8 +142,8 @@ class SyncEngine:
         report.inactive.sort(key=lambda line: int(line.split()[0]))
         return report
 
-    @staticmethod
-    def _recorded(report, progress):
+    def _recorded(self, report, progress):
+        self._back_off_sweeps(report.cws_failed)
         progress.finish(report.finished)
         prune_price_changes(report.started)
         db.put_setting(LAST_PASS_KEY, report.as_json())
@@ -137,7 +160,7 @@ class SyncEngine:
         """Read what CWS changed since the last read (updatedSince) and reconcile it; None when deltas are off
         (no sweep finished yet, or CWS ignored the parameter lately)."""
         now = now or self.clock()
-        since = self.delta.since(now)
+        since = self.delta.since(now) if self._optional_reads_allowed() else None
         if since is None:
             return None
         report = PassReport("delta", now, paused=self.pause.is_paused())
@@ -153,7 +176,8 @@ class SyncEngine:
             return None
         now = now or self.clock()
         marks = lane.marks(MARKS_PER_PASS)
-        wanted = list(marks) + [cws_id for cws_id in self.hot.due(now) if cws_id not in marks]
+        hot = self.hot.due(now) if self._optional_reads_allowed() else []
+        wanted = list(marks) + [cws_id for cws_id in hot if cws_id not in marks]
         if not wanted:
             return None
         with self.inflight.claim(wanted) as mine:
@@ -279,6 +303,8 @@ class SyncEngine:
             db.Product.g2a_id == change.g2a_id).execute()
 
     def _finish(self, report, started):
+        if report.cws_failed:
+            self._quiet_until = time.monotonic() + QUIET
         report.finished = self.clock()
         report.duration = time.monotonic() - started
         level = logging.WARNING if report.failed or report.errors else logging.INFO

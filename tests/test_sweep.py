@@ -257,6 +257,33 @@ def test_the_lane_re_reads_a_stale_hot_product_with_a_single_get(world):
     assert world.engine.lane_pass() is None  # read just now, and the pace allows no second read yet
 
 
+def test_after_a_cws_failure_hot_reads_and_deltas_wait_but_postback_marks_do_not(world):
+    (hot_g2a, hot_cws), (marked_g2a, marked_cws) = products(world, 2)
+    world.engine.full_pass()
+    db.CwsProduct.update(quantity=2, fetched_at=db.utcnow() - timedelta(minutes=5)).where(
+        db.CwsProduct.id == hot_cws).execute()  # low on stock and stale: due a hot re-read
+    world.sim.cws.fail_next("/v3/products", 500, 500, 500)
+    assert world.engine.full_pass().cws_failed
+    reads = world.sim.cws.requests.copy()
+    assert world.engine.delta_pass() is None and world.engine.lane_pass() is None
+    world.sim.cws.set_quantity(marked_cws, 0)
+    db.CwsProduct.update(dirty_since=db.utcnow()).where(db.CwsProduct.id == marked_cws).execute()
+    assert world.engine.lane_pass().writes == 1
+    assert world.sim.cws.requests - reads == {"GET /v3/products/{id}": 1}
+    assert world.offer(marked_g2a) == (D("6.48"), 0, False)
+
+
+def test_sweeps_that_cannot_read_cws_back_off_and_the_first_good_one_resets_it(world):
+    products(world, 2)
+    world.engine.settings = world.settings.replace(sync_interval=1)
+    world.sim.cws.fail_next("/v3/products", *[500] * 3)
+    assert world.engine.full_pass().cws_failed
+    assert world.engine.full_pass() is None  # within the 1 s back-off: not even a token request
+    world.engine._sweep_resume_at = 0.0  # the second interval has passed
+    report = world.engine.full_pass()
+    assert not report.cws_failed and world.engine.full_pass() is not None
+
+
 # ---- delta reads (updatedSince) ----------------------------------------------------------
 
 def long_ago(world):
