@@ -38,7 +38,7 @@ class Catalogue:
             else:
                 infos = list(self.cws.products(sorted(wanted), batch_size=BATCH_SIZE))
         except UpstreamError as err:
-            report.cws_error(f"CWS products: {err}")
+            report.cws_error(err, "CWS products")
             return False
         unlist(wanted - store_answer(infos, wanted, now), now)
         return True

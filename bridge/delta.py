@@ -49,7 +49,7 @@ class DeltaReads:
                     self._ignored(began, number, listed)
                     return None
         except UpstreamError as err:
-            report.cws_error(f"CWS products updatedSince: {err}")
+            report.cws_error(err, "CWS products updatedSince")
             return None
         self._began, self._retry_at = began, None
         _remember("honoured", began)

@@ -58,7 +58,7 @@ def read(cws, mapped_ids, how, pacer, clock, report):
         else:
             yield from _batches(cws, sorted(mapped_ids), batch_size, pacer, clock)
     except UpstreamError as err:
-        report.cws_error(f"CWS products: {err}")
+        report.cws_error(err, "CWS products")
 
 
 def paced(pages, pacer):

@@ -1,12 +1,14 @@
 """Offer sync: SyncEngine reads CWS (the paced sweep, delta reads, the priority lane), sends the changes plan.py
 finds as G2A jobs and records what G2A confirmed. An unchanged catalogue costs zero writes.
 """
+import itertools
 import json
 import logging
 import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 from . import db, delta, lane, sweep
 from .catalogue import BATCH_SIZE, Catalogue, clear_marks
@@ -24,8 +26,8 @@ JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
 LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups a pass may start with, only for products about to get a price
 LANE_BACKOFF = 5.0  # seconds without lane passes after CWS failed to answer one
-QUIET = 60.0  # seconds without optional reads (hot products, delta reads) after any CWS read failed
-SWEEP_BACKOFF_CAP = 60.0  # seconds: the longest wait before the next sweep after sweeps that could not read CWS
+QUIET = 60.0  # seconds without optional reads (hot products, delta reads) after a CWS read failed (not a 429)
+BACKOFF_CAP = 60.0  # seconds, and at most 8 intervals: the longest wait between sweeps while CWS cannot be read
 MARKS_PER_PASS = 50  # postback marks the lane takes per run, oldest first
 LAST_PASS_KEY = "sync.last_pass"
 LAST_SUCCESS_KEY = "sync.last_success"  # written by each full pass that succeeded
@@ -48,7 +50,7 @@ class PassReport:
     deferred: int = 0
     postponed: int = 0  # writes left for the next pass by the per-pass cap
     errors: list = field(default_factory=list)
-    cws_failed: bool = False  # a CWS read failed (set where it is reported)
+    cws_failed: bool = False  # a CWS read failed other than with a 429
     inactive: list = field(default_factory=list)  # dry runs: "<g2a id> stays inactive: <why>" for idle offers
     finished: object = None
     duration: float = 0.0
@@ -62,9 +64,10 @@ class PassReport:
         if len(self.errors) < 20:
             self.errors.append(message)
 
-    def cws_error(self, message):
-        self.cws_failed = True
-        self.error(message)
+    def cws_error(self, err, what):
+        """A CWS read failed: reported; cws_failed unless it was a 429 (the budget's hold deals with those)."""
+        self.cws_failed = self.cws_failed or err.status != 429
+        self.error(f"{what}: {err}")
 
     def as_json(self):
         return json.dumps({"kind": self.kind, "started": self.started.isoformat(),
@@ -98,37 +101,31 @@ class SyncEngine:
         self.list_pacer = list_pacer or Pacer(lambda: self._pace("cws_list"))
         self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
         self.delta = delta.DeltaReads()
-        self._lane_resume_at = self._quiet_until = self._sweep_resume_at = 0.0
-        self._failed_sweeps = 0
+        self._lane_resume_at = self._quiet_until = 0.0
+        self._failed_sweeps, self._sweep_resume_at = 0, None
 
     def full_pass(self, now=None, dry_run=False):
         """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
-        arrives; with dry_run the changes are planned (CWS and offers read) but not sent. None while backing off
-        after sweeps that could not read CWS."""
-        if time.monotonic() < self._sweep_resume_at:
-            return None
+        arrives; with dry_run the changes are planned (CWS and offers read) but not sent."""
         report = PassReport("full", now or self.clock(), paused=self.pause.is_paused())
+        if self._sweep_resume_at is not None and report.started < self._sweep_resume_at:
+            return self._skipped(report)
         stamp = self.clock if now is None else (lambda: now)
         started = time.monotonic()
-        self.catalogue.discover_if_needed(report)
         mapped = set(sweep.mapped_cws_ids())
         allowance = self._allowances(sweep.write_pace(self.settings))
-        self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
         mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing(), self.batch_size)
         progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
-        for cws_ids in sweep.read(self.cws, mapped, (mode, self.batch_size), self.list_pacer, stamp, report):
+        parts = sweep.read(self.cws, mapped, (mode, self.batch_size), self.list_pacer, stamp, report)
+        first = next(parts, None)  # CWS first, as passes always did: its token is in hand before G2A is listed
+        self.catalogue.discover_if_needed(report)
+        self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
+        for cws_ids in itertools.chain(() if first is None else [first], parts):
             self._sweep_part(cws_ids, stamp(), report, dry_run, allowance)
             if progress:
                 progress.read(len(cws_ids))
         self._finish(report, started)
         return self._dry_run_listed(report) if dry_run else self._recorded(report, progress)
-
-    def _back_off_sweeps(self, failed):
-        """After a sweep that could not read CWS the next waits 1, 2, 4 ... intervals (at most a minute): each
-        attempt also spends a token request, and an outage must not use up that budget before CWS is back."""
-        self._failed_sweeps = self._failed_sweeps + 1 if failed else 0
-        wait = 0.0 if not failed else min(SWEEP_BACKOFF_CAP, self.settings.sync_interval * 2 ** (self._failed_sweeps - 1))
-        self._sweep_resume_at = time.monotonic() + wait
 
     def _optional_reads_allowed(self):
         """Hot products and delta reads only add to what CWS is asked; after a CWS failure they wait QUIET seconds
@@ -142,8 +139,26 @@ class SyncEngine:
         report.inactive.sort(key=lambda line: int(line.split()[0]))
         return report
 
+    def _skipped(self, report):
+        """A sweep not tried while backing off: failed, so the sync_failing streak goes on, without a CWS call."""
+        report.cws_failed = True
+        report.error(f"CWS products: unreachable at the last {self._failed_sweeps} sweeps; next try at "
+                     f"{self._sweep_resume_at.isoformat()}")
+        return self._finish(report, time.monotonic())
+
+    def _back_off(self, report):
+        """After a sweep that could not read CWS the next waits 1, 2, 4 ... intervals (at most BACKOFF_CAP): each
+        try also spends a token request, and an outage must not use up that budget before CWS is back."""
+        self._failed_sweeps = self._failed_sweeps + 1 if report.cws_failed else 0
+        if not report.cws_failed:
+            self._sweep_resume_at = None
+            return
+        interval = self.settings.sync_interval
+        wait = min(BACKOFF_CAP, 8 * interval, interval * 2 ** (self._failed_sweeps - 1))
+        self._sweep_resume_at = report.started + timedelta(seconds=wait)
+
     def _recorded(self, report, progress):
-        self._back_off_sweeps(report.cws_failed)
+        self._back_off(report)
         progress.finish(report.finished)
         prune_price_changes(report.started)
         db.put_setting(LAST_PASS_KEY, report.as_json())

@@ -276,12 +276,16 @@ def test_after_a_cws_failure_hot_reads_and_deltas_wait_but_postback_marks_do_not
 def test_sweeps_that_cannot_read_cws_back_off_and_the_first_good_one_resets_it(world):
     products(world, 2)
     world.engine.settings = world.settings.replace(sync_interval=1)
-    world.sim.cws.fail_next("/v3/products", *[500] * 3)
-    assert world.engine.full_pass().cws_failed
-    assert world.engine.full_pass() is None  # within the 1 s back-off: not even a token request
-    world.engine._sweep_resume_at = 0.0  # the second interval has passed
-    report = world.engine.full_pass()
-    assert not report.cws_failed and world.engine.full_pass() is not None
+    start = datetime.now(timezone.utc)
+    world.sim.cws.fail_next("/v3/products", *[500] * 6)
+    assert world.engine.full_pass(start).cws_failed
+    reads = world.sim.cws.requests.copy()
+    skipped = world.engine.full_pass(start + timedelta(seconds=0.5))  # within 1 s: no CWS call at all
+    assert skipped.cws_failed and not skipped.succeeded and world.sim.cws.requests == reads
+    assert world.engine.full_pass(start + timedelta(seconds=1)).cws_failed  # tried again: failed again
+    assert world.engine.full_pass(start + timedelta(seconds=2.5)).cws_failed  # now 2 s: skipped
+    assert not world.engine.full_pass(start + timedelta(seconds=3)).cws_failed  # CWS back: reset
+    assert not world.engine.full_pass(start + timedelta(seconds=3.1)).cws_failed
 
 
 # ---- delta reads (updatedSince) ----------------------------------------------------------
