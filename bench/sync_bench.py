@@ -35,7 +35,7 @@ from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G
 from bridge.sync import REQUESTS_PER_WRITE, SyncEngine
 
 PROFIT, FEE = Decimal("0.50"), Decimal("0.15")
-DIRTY_TICK = 0.5  # the worker's dirty-pass cadence
+LANE_TICK = 0.5  # the worker's priority-lane cadence
 POSTBACK_SAMPLES = 20
 PAGE_SIZE = 1000
 
@@ -111,16 +111,16 @@ def passes(engine, remote):
 
 
 def postback_latency(engine, remote, settings, size):
-    """Like the worker: dirty_pass every 0.5 s; postbacks arrive at random moments; change -> PATCH seen by G2A."""
+    """Like the worker: lane_pass every 0.5 s; postbacks arrive at random moments; change -> PATCH seen by G2A."""
     stop = threading.Event()
-    ticker = threading.Thread(target=lambda: [engine.dirty_pass() for _ in iter(lambda: stop.wait(DIRTY_TICK), True)])
+    ticker = threading.Thread(target=lambda: [engine.lane_pass() for _ in iter(lambda: stop.wait(LANE_TICK), True)])
     ticker.start()
     rng, samples = random.Random(7), []
     try:
         for i in rng.sample(range(size), POSTBACK_SAMPLES):
             cws_id, g2a_id, _, quantity = entry(i)
             offer_id, since = remote.offer_id(g2a_id), remote.patch_count()
-            time.sleep(rng.uniform(0, DIRTY_TICK))
+            time.sleep(rng.uniform(0, LANE_TICK))
             remote.set_quantity(cws_id, quantity - 1)
             changed = time.monotonic()
             body = {"type": "STOCK", "authHash": expected_hash(CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE), "products": [{"productId": cws_id}]}

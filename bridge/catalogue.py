@@ -10,15 +10,9 @@ from .log import event
 
 log = logging.getLogger(__name__)
 
-# CWS allows about 400 GET /v3/products per 10 min (cws.md 5.3); at a 15 s sync interval a pass may spend
-# ~5 of them at half that rate, i.e. 5 productIds batches of 50 = 250 products. Beyond that, reading the
-# whole catalogue with continuation tokens costs (catalogue size / page size) calls whatever we map, so
-# it is the cheaper and the only sustainable read.
-CATALOGUE_THRESHOLD = 250
-SINGLE_GETS = 3
-BATCH_SIZE = 50
+SINGLE_GETS = 3  # the priority lane reads up to this many products one by one, more in productIds batches
+BATCH_SIZE = 50  # productIds per request (CWS's maximum is unknown; C1 sends 5)
 CHUNK = 500  # ids per IN (...) clause
-RECORD_EVERY = 1000  # CWS products compared and stored at a time
 UPSERT_ROWS = 100  # rows per INSERT ... ON CONFLICT statement (7 bound values each), one transaction each
 WRITE_ROWS = 100  # per-row updates per write transaction
 
@@ -33,50 +27,21 @@ class Catalogue:
 
     # ---- CWS -------------------------------------------------------------------------------
 
-    def refresh(self, cws_ids, now, report):
-        """Re-read `cws_ids` from CWS (productIds batches, or the whole catalogue when many) and store what
-        changed; True when CWS answered for all of them."""
+    def read_products(self, cws_ids, now, report):
+        """Re-read these products and store what changed; True when CWS answered for all of them.
+
+        A few are read one by one: that endpoint has its own, larger CWS limit, so the priority lane is not
+        queued behind the sweep's catalogue reads."""
         wanted = set(cws_ids)
-        request = None if len(wanted) > CATALOGUE_THRESHOLD else sorted(wanted)
-        return self._refresh(wanted, self.cws.products(request, batch_size=BATCH_SIZE), now, report)
-
-    def refresh_dirty(self, dirty, now, report):
-        """Re-read the products postbacks marked ({id: dirty_since}) and clear the marks CWS answered for.
-
-        A few are read one by one: that endpoint has its own, larger CWS limit, so a postback is not queued
-        behind a catalogue read."""
-        wanted = set(dirty)
-        if len(wanted) <= SINGLE_GETS:
-            infos = filter(None, map(self.cws.product, sorted(wanted)))  # lazy: the calls happen in _refresh
-        else:
-            infos = self.cws.products(sorted(wanted), batch_size=BATCH_SIZE)
-        if not self._refresh(wanted, infos, now, report):
-            return False
-        _clear_dirty(dirty)
-        return True
-
-    @staticmethod
-    def _refresh(wanted, infos, now, report):
-        """Store the CWS answers `infos` (an iterator: the requests happen here) for the `wanted` ids."""
-        if not wanted:
-            return True
-        current = _current_cws(wanted)
-        seen, batch = set(), []
         try:
-            for info in infos:
-                product_id = info.id.lower()
-                if product_id in wanted and product_id not in seen:
-                    seen.add(product_id)
-                    batch.append(info)
-                if len(batch) >= RECORD_EVERY:
-                    _record(batch, current, now)
-                    batch = []
+            if len(wanted) <= SINGLE_GETS:
+                infos = [info for info in map(self.cws.product, sorted(wanted)) if info is not None]
+            else:
+                infos = list(self.cws.products(sorted(wanted), batch_size=BATCH_SIZE))
         except UpstreamError as err:
-            report.error(f"CWS products: {err}")
-            _record(batch, current, now)
+            report.cws_error(err, "CWS products")
             return False
-        _record(batch, current, now)
-        _unlist(wanted - seen, now)
+        unlist(wanted - store_answer(infos, wanted, now), now)
         return True
 
     # ---- G2A offers ------------------------------------------------------------------------
@@ -141,9 +106,11 @@ class Catalogue:
         return found
 
 
-def _clear_dirty(dirty):
+def clear_marks(dirty):
     """Clear the marks read as {id: dirty_since}; a postback that came in since keeps its product dirty."""
-    ids, newest = list(dirty), max(dirty.values())
+    if not dirty:
+        return
+    ids, newest = sorted(dirty), max(dirty.values())
     for start in range(0, len(ids), CHUNK):
         with db.write_transaction():
             db.CwsProduct.update(dirty_since=None).where(
@@ -163,9 +130,18 @@ def _offers_by_product(offers):
 def store_cws_products(infos, wanted, now):
     """Store CWS's answers about the `wanted` ids (the web's freshness refresh); ids it left out are unlisted."""
     wanted = {product_id.lower() for product_id in wanted}
-    infos = [info for info in infos if info.id.lower() in wanted]
-    _record(infos, _current_cws(wanted), now)
-    _unlist(wanted - {info.id.lower() for info in infos}, now)
+    unlist(wanted - store_answer(infos, wanted, now), now)
+
+
+def store_answer(infos, wanted, now):
+    """Store what CWS answered (`infos`, read at `now`) about the `wanted` ids; returns the wanted ids it covered."""
+    fresh = {}
+    for info in infos:
+        product_id = info.id.lower()
+        if product_id in wanted:
+            fresh.setdefault(product_id, info)
+    _record(list(fresh.values()), _current_cws(set(fresh)), now)
+    return set(fresh)
 
 
 def _current_cws(ids):
@@ -214,8 +190,10 @@ def _record(infos, current, now):
 _COLUMNS = ["id", "name", "quantity", "cost", "prices", "listed", "fetched_at"]
 
 
-def _unlist(ids, now):
+def unlist(ids, now):
     """CWS no longer lists these: no stock from them (the offers are deactivated by the plan)."""
+    if not ids:
+        return
     ids = sorted(ids)
     for start in range(0, len(ids), CHUNK):
         with db.write_transaction():

@@ -50,6 +50,13 @@ class CwsProductInfo:
 
 
 @dataclass(frozen=True)
+class ProductPage:
+    """One GET /v3/products answer: its products, and whether CWS has a next page."""
+    items: list
+    more: bool
+
+
+@dataclass(frozen=True)
 class CwsCode:
     code_id: str
     kind: str  # "text" | "image" | "preorder"
@@ -131,20 +138,29 @@ class CwsClient:
     def products(self, product_ids=None, batch_size=50):
         """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
         if product_ids is None:
-            yield from self._product_pages({})
+            for page in self.product_pages():
+                yield from page.items
             return
         ids = list(dict.fromkeys(product_ids))
         for start in range(0, len(ids), batch_size):
-            yield from self._product_pages({"productIds": ",".join(ids[start:start + batch_size])})
+            for page in self.product_pages(ids[start:start + batch_size]):
+                yield from page.items
 
-    def _product_pages(self, params):
+    def product_pages(self, product_ids=None, updated_since=None):
+        """GET /v3/products as ProductPages: the products `product_ids` (one productIds request), or the
+        catalogue (only what changed since `updated_since`, an aware datetime, when CWS honours that)."""
+        params = {}
+        if product_ids is not None:
+            params["productIds"] = ",".join(product_ids)
+        if updated_since is not None:
+            params["updatedSince"] = _iso(updated_since)
         seen, token = set(), None
         while True:
             page = self._upstream.request("GET", "/v3/products", budget="cws_list",
                                           params={**params, "continuationToken": token} if token else params)
-            for item in _list(_object(page, "products page"), "items", "products page", default=[]):
-                yield _product(item)
+            items = _list(_object(page, "products page"), "items", "products page", default=[])
             token = page.get("continuationToken")
+            yield ProductPage([_product(item) for item in items], bool(token))
             if not token:
                 return
             if token in seen:  # a server bug must not become an endless loop, nor a silently short list
@@ -233,6 +249,12 @@ def _next_history_page(body):
     if isinstance(page, int) and (isinstance(pages, int) and page + 1 < pages or body.get("last") is False):
         return {"page": page + 1}
     return None
+
+
+def _iso(moment):
+    """ISO-8601 in UTC with milliseconds, as CWS writes its own timestamps."""
+    moment = moment.astimezone(datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _order_line(product_id, quantity, max_unit_price):

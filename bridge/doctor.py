@@ -19,11 +19,12 @@ from .errors import BridgeError, ConfigError, UpstreamError
 from .g2a import G2aClient
 from .migrations import SchemaStep, open_database
 from .products import load_mapping
+from .catalogue import BATCH_SIZE
+from .sweep import last_listing, reading_plan
 
 CONFIG_REMEDY = "fix it in bridge.env (or .env / ENV_FILE), then run g2a-bridge doctor again"
 LOCAL_ERRORS = (PeeweeException, OSError, BridgeError)
-PAGE_SIZE_KEY = "cws.page_size"  # the page size CWS last answered GET /v3/products with, when sync recorded it
-DEFAULT_PAGE_SIZE, BATCH_SIZE = 500, 50  # catalogue page; productIds per request
+DEFAULT_PAGE_SIZE = 500  # products per catalogue page assumed until the worker has listed the catalogue once
 SWEEP_WARNING = 300.0  # seconds: a mapped set that takes longer to sweep leaves silent stock-outs on G2A too long
 FRESHNESS_REMEDY = ("without a postback a stock-out may take that long to reach G2A: set the CWS postback URL, "
                     "map fewer products, or raise CWS_LIST_REQUESTS_PER_10_MIN if CWS allows more")
@@ -158,30 +159,31 @@ def check_freshness(settings, database_ok):
                                              settings.default_fee) if m.enabled)
     except ConfigError:
         return Result("freshness", True, "unknown until products.json loads")
-    page = _page_size() if database_ok else DEFAULT_PAGE_SIZE
+    listing = _last_listing() if database_ok else None
     pace = budgets_for(settings, "worker")["cws_list"].per_second
-    requests, seconds = sweep_cost(mapped, page, pace)
+    requests, seconds = sweep_cost(mapped, listing, pace)
     detail = (f"{mapped} mapped products: one sweep is {requests} GET /v3/products (productIds batches of "
-              f"{BATCH_SIZE} or catalogue pages of {page}) at {pace * 60:.1f}/min, the worker's share of "
+              f"{BATCH_SIZE} or catalogue pages, whichever is fewer) at {pace * 60:.1f}/min, the worker's share of "
               f"CWS_LIST_REQUESTS_PER_10_MIN: about {status.age_text(seconds)} per sweep")
     if seconds > SWEEP_WARNING:
         return Result("freshness", True, detail, FRESHNESS_REMEDY, warning=True)
     return Result("freshness", True, detail)
 
 
-def sweep_cost(mapped, page_size, per_second):
-    """(requests, seconds) to read `mapped` products once: the cheaper of productIds batches and catalogue pages
-    (at least one page per page_size products), at `per_second`."""
-    requests = min(math.ceil(mapped / BATCH_SIZE), math.ceil(mapped / page_size))
+def sweep_cost(mapped, listing, per_second):
+    """(requests, seconds) to read `mapped` products once as the worker's sweep will (sweep.reading_plan, given the
+    last complete catalogue listing or None), at `per_second`; a catalogue never listed counts one page per
+    DEFAULT_PAGE_SIZE mapped products."""
+    _, requests = reading_plan(mapped, listing)
+    requests = math.ceil(mapped / DEFAULT_PAGE_SIZE) if requests is None else requests
     return requests, requests / per_second
 
 
-def _page_size():
+def _last_listing():
     try:
-        stored = db.get_setting(PAGE_SIZE_KEY)
-        return int(stored) if stored and int(stored) > 0 else DEFAULT_PAGE_SIZE
+        return last_listing()
     except (ValueError, *LOCAL_ERRORS):
-        return DEFAULT_PAGE_SIZE
+        return None
 
 
 def upstream_remedy(err, credentials, url_names):

@@ -184,6 +184,7 @@ def database_families(settings, now):
         _gauge("sync_last_pass_age_seconds", "Seconds since the last full sync pass ended", sync.get("age_seconds")),
         _gauge("sync_last_success_age_seconds", "Seconds since the last full sync pass that succeeded",
                sync.get("success_age_seconds")),
+        *_freshness(figures["cws_state"], figures["sweep"] or {}),
         _gauge("worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat", heartbeat),
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
@@ -192,6 +193,22 @@ def database_families(settings, now):
                         "what resolves each)", "kind", {name: line["count"] for name, line in figures["stuck"].items()}),
         *money_families(settings),
     ]
+
+
+def _freshness(state, sweep):
+    ages = GaugeMetricFamily(PREFIX + "cws_state_age_seconds", "Age of the mapped products' last CWS state, by "
+                             "quantile over the products read at least once", labels=["quantile"])
+    for quantile, name in (("0.5", "p50_seconds"), ("0.95", "p95_seconds"), ("1", "oldest_seconds")):
+        if state[name] is not None:
+            ages.add_metric([quantile], state[name])
+    return [ages,
+            _gauge("cws_oldest_state_seconds", "Age of the oldest mapped product's CWS state", state["oldest_seconds"]),
+            _gauge("cws_never_read_products", "Mapped products whose CWS state was never read", state["never_read"]),
+            _gauge("sweep_progress_ratio", "Share of the mapped products the running sweep has read (1 when idle)",
+                   sweep.get("ratio")),
+            _gauge("sweep_started_age_seconds", "Seconds since the running (or last) sweep started",
+                   sweep.get("started_age_seconds")),
+            _gauge("sweep_duration_seconds", "Duration of the last complete sweep", sweep.get("last_duration_seconds"))]
 
 
 def money_families(settings):

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 
 from peewee import fn
 
-from . import db, lease, pause, stuck
+from . import db, freshness, lease, pause, stuck
 from .stock import BALANCE_KEY
 
 WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
@@ -28,6 +28,8 @@ def collect(settings, now):
         "offers": counts(db.Product.sync_state, SYNC_STATES, db.Product.mapped == True),  # noqa: E712
         "orders": counts(db.Order.state, db.ORDER_STATES),
         "last_sync": _last_sync(now),
+        "cws_state": freshness.staleness(now),
+        "sweep": freshness.sweep_progress(now),
         "cws_balance": _balance(settings, now),
         "notifications_24h": db.Notification.select().where(
             db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
@@ -154,6 +156,8 @@ def render(figures):
         ("offers", f"{offers['in_sync']} in sync, {offers['pending']} pending, {offers['failed']} failed"),
         ("orders", ", ".join(f"{state} {count}" for state, count in orders.items())),
         ("last sync", _sync_text(figures["last_sync"])),
+        ("CWS state", _state_text(figures["cws_state"])),
+        ("sweep", _sweep_text(figures["sweep"])),
         ("CWS balance", _balance_text(figures["cws_balance"])),
         ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
@@ -178,6 +182,24 @@ def _sync_text(sync):
     if sync is None:
         return "never"
     return f"{age_text(sync['age_seconds'])} ago ({sync['writes']} writes, {sync['failed']} failed)"
+
+
+def _state_text(state):
+    if state["oldest_seconds"] is None:
+        return f"never read ({state['never_read']} mapped products)"
+    never = f", {state['never_read']} never read" if state["never_read"] else ""
+    return (f"oldest {age_text(state['oldest_seconds'])}, p95 {age_text(state['p95_seconds'])}, "
+            f"median {age_text(state['p50_seconds'])}{never}")
+
+
+def _sweep_text(sweep):
+    if sweep is None:
+        return "none yet"
+    last = "" if sweep["last_duration_seconds"] is None else f", last took {age_text(sweep['last_duration_seconds'])}"
+    if not sweep["running"]:
+        return f"idle: {sweep['mapped']} read by {sweep['mode']}, started {age_text(sweep['started_age_seconds'])} ago{last}"
+    return (f"{sweep['read']}/{sweep['mapped']} read by {sweep['mode']} ({sweep['ratio']:.0%}), "
+            f"started {age_text(sweep['started_age_seconds'])} ago{last}")
 
 
 def _balance_text(balance):

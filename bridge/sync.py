@@ -1,179 +1,41 @@
-"""Offer sync: plan() (pure) turns product state into the few G2A offer changes needed; SyncEngine reads CWS,
-sends those changes as G2A jobs and records what G2A confirmed. An unchanged catalogue costs zero writes.
+"""Offer sync: SyncEngine reads CWS (the paced sweep, delta reads, the priority lane), sends the changes plan.py
+finds as G2A jobs and records what G2A confirmed. An unchanged catalogue costs zero writes.
 """
+import itertools
 import json
 import logging
-import threading
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from datetime import timedelta
 
-from . import db
-from .catalogue import Catalogue
+from . import db, delta, lane, sweep
+from .catalogue import BATCH_SIZE, Catalogue, clear_marks
 from .errors import UpstreamError
 from .log import event
-from .offers import HOUR, Outcome, load_states, prune_price_changes, store_outcomes
-from .pricing import decide_price, units_affordable
+from .offers import Outcome, load_states, prune_price_changes, store_outcomes
+from .pacing import Allowance, Pacer
+from .plan import MISSING_OFFER, inactive_reason, plan
+from .sweep import REQUESTS_PER_WRITE
 
 log = logging.getLogger(__name__)
 
 WRITERS = 8  # PATCHes in flight at once; the g2a request budget (budget.py) still caps the rate
-REQUESTS_PER_WRITE = 3  # a PATCH and about two job polls
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
-LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups per pass, only for products about to get a price
-DIRTY_BACKOFF = 5.0  # seconds without dirty passes after CWS failed to answer one
+LIMIT_LOOKUPS = 20  # G2A priceLimit look-ups a pass may start with, only for products about to get a price
+LANE_BACKOFF = 5.0  # seconds without lane passes after CWS failed to answer one
+QUIET = 60.0  # seconds without optional reads (hot products, delta reads) after a CWS read failed (not a 429)
+BACKOFF_CAP = 60.0  # seconds, and at most 8 intervals: the longest wait between sweeps while CWS cannot be read
+MARKS_PER_PASS = 50  # postback marks the lane takes per run, oldest first
 LAST_PASS_KEY = "sync.last_pass"
 LAST_SUCCESS_KEY = "sync.last_success"  # written by each full pass that succeeded
-MISSING_OFFER = "no G2A offer for this product: create it in the G2A panel, or set G2A_CREATE_OFFERS=true"
-
-
-@dataclass(frozen=True)
-class Change:
-    """One offer write (only the parts that differ), a creation, a held-back decrease or a missing-offer warning."""
-    g2a_id: int
-    offer_id: str | None
-    action: str = "update"  # update / create / missing
-    price: Decimal | None = None
-    stock: int | None = None
-    active: bool | None = None
-    old_price: Decimal | None = None
-    old_stock: int | None = None
-    old_active: bool | None = None
-    deferred_price: Decimal | None = None
-    reason: str = ""
-
-    @property
-    def sends(self):
-        return self.action == "create" or (self.action == "update" and
-                                            (self.price, self.stock, self.active) != (None, None, None))
-
-    @property
-    def priority(self):
-        """0: stops a loss (deactivation, price rise); 1: stock and activation; 2: price cuts."""
-        if self.active is False or (self.price is not None and not self._is_decrease()):
-            return 0
-        return 1 if (self.stock, self.active) != (None, None) or self.action != "update" else 2
-
-    def _is_decrease(self):
-        return self.old_price is not None and self.price < self.old_price
-
-    def __str__(self):
-        if self.action == "create":
-            return f"{self.g2a_id} create offer: price {self.price}, stock {self.stock}"
-        if self.action == "missing":
-            return f"{self.g2a_id} {MISSING_OFFER}"
-        parts = []
-        if self.price is not None:
-            parts.append(f"price {_show(self.old_price)} -> {self.price} "
-                         f"({'decrease' if self._is_decrease() else 'increase'})")
-        if self.deferred_price is not None:
-            parts.append(f"price {self.old_price} -> {self.deferred_price} (decrease deferred: {self.reason})")
-        if self.stock is not None:
-            parts.append(f"stock {_show(self.old_stock)} -> {self.stock}")
-        if self.active is not None:
-            parts.append(("activate" if self.active else f"deactivate ({self.reason})"))
-        return f"{self.g2a_id} " + ", ".join(parts)
-
-
-def _show(value):
-    return "unknown" if value is None else value
-
-
-def plan(states, now, paused, price_changes_per_hour, create_offers=False):
-    """The changes that bring each offer to its desired state, most urgent first (pure: no I/O)."""
-    changes = [change for state in states
-               if (change := plan_product(state, now, paused, price_changes_per_hour, create_offers)) is not None]
-    return sorted(changes, key=lambda change: change.priority)
-
-
-def plan_product(state, now, paused, price_changes_per_hour, create_offers=False):
-    decision, stock, why_not = _desired(state)
-    if state.offer_id is None:
-        return _missing(state, decision.price, stock, bool(why_not) or paused, create_offers)
-    if why_not:
-        return _deactivate(state, why_not)
-    if paused:
-        if not state.offer_active:
-            return None
-        stock = min(stock, state.offer_stock or 0)
-    return _update(state, decision.price, stock, now, price_changes_per_hour)
-
-
-def inactive_reason(state, paused):
-    """Why this product's offer does not sell ("" when it does or should): what a dry run shows for idle offers."""
-    why_not = _desired(state)[2]
-    if state.offer_id is None and state.mapped:
-        return MISSING_OFFER
-    if why_not:
-        return why_not
-    return "paused" if paused and not state.offer_active else ""
-
-
-def _desired(state):
-    """(price decision, stock to show, why it must not sell or "")."""
-    decision = decide_price(state.cost, state.fixed_profit, state.fee, state.min_price, state.max_price,
-                            state.limit_min, state.limit_max)
-    stock = state.available if state.max_stock is None else min(state.available, state.max_stock)
-    affordable = units_affordable(state.balance, state.cost)
-    stock = stock if affordable is None else min(stock, affordable)
-    return decision, stock, _why_not_sold(state, decision, stock, affordable)
-
-
-def _why_not_sold(state, decision, stock, affordable):
-    """Why the offer must not sell now, or "" when it should be active."""
-    reasons = ((not state.mapped, "removed from products.json"), (not state.enabled, "disabled in products.json"),
-               (not state.listed, "not listed by CWS"), (not decision.sellable, decision.reason),
-               (affordable == 0, f"CWS balance {state.balance} cannot pay for one key: top up the CWS account"),
-               (stock <= 0, "out of stock"))
-    return next((why for failed, why in reasons if failed), "")
-
-
-def _missing(state, price, stock, not_now, create_offers):
-    if not state.mapped:
-        return None
-    if create_offers:
-        return None if not_now else Change(state.g2a_id, None, "create", price=price, stock=stock, active=True)
-    if state.missing_offer_warned:
-        return None
-    return Change(state.g2a_id, None, "missing", reason=MISSING_OFFER)
-
-
-def _deactivate(state, why):
-    stock = 0 if state.offer_stock != 0 else None
-    active = False if state.offer_active is not False else None
-    if stock is None and active is None:
-        return None
-    return Change(state.g2a_id, state.offer_id, stock=stock, active=active, old_price=state.offer_price,
-                  old_stock=state.offer_stock, old_active=state.offer_active, reason=why)
-
-
-def _update(state, price, stock, now, per_hour):
-    send_price = price if state.offer_price != price else None
-    deferred, reason = None, ""
-    if send_price is not None and state.offer_price is not None and price < state.offer_price:
-        recent = sum(1 for at in state.price_changes if at > now - HOUR)
-        if recent >= decrease_allowance(per_hour):
-            deferred, send_price = price, None
-            reason = f"{recent} price changes in the last hour"
-    send_stock = stock if state.offer_stock != stock else None
-    send_active = True if state.offer_active is not True else None
-    if (send_price, send_stock, send_active, deferred) == (None, None, None, None):
-        return None
-    return Change(state.g2a_id, state.offer_id, price=send_price, stock=send_stock, active=send_active,
-                  old_price=state.offer_price, old_stock=state.offer_stock, old_active=state.offer_active,
-                  deferred_price=deferred, reason=reason)
 
 
 def writes_per_pass(settings):
     """Writes one pass may send: a third of the G2A budget of one sync interval (each costs a PATCH and job polls)."""
     return max(1, int(settings.g2a_requests_per_minute * settings.sync_interval / 60 / REQUESTS_PER_WRITE))
-
-
-def decrease_allowance(per_hour):
-    """Price cuts allowed per product per hour: one change stays in reserve for a rise that prevents a loss."""
-    return per_hour - 1 if per_hour > 1 else per_hour
 
 
 @dataclass
@@ -188,6 +50,7 @@ class PassReport:
     deferred: int = 0
     postponed: int = 0  # writes left for the next pass by the per-pass cap
     errors: list = field(default_factory=list)
+    cws_failed: bool = False  # a CWS read failed other than with a 429
     inactive: list = field(default_factory=list)  # dry runs: "<g2a id> stays inactive: <why>" for idle offers
     finished: object = None
     duration: float = 0.0
@@ -201,6 +64,11 @@ class PassReport:
         if len(self.errors) < 20:
             self.errors.append(message)
 
+    def cws_error(self, err, what):
+        """A CWS read failed: reported; cws_failed unless it was a 429 (the budget's hold deals with those)."""
+        self.cws_failed = self.cws_failed or err.status != 429
+        self.error(f"{what}: {err}")
+
     def as_json(self):
         return json.dumps({"kind": self.kind, "started": self.started.isoformat(),
                            "finished": self.finished.isoformat() if self.finished else None,
@@ -211,88 +79,172 @@ class PassReport:
 
 def _idle_offers(states, changes, paused):
     changed = {change.g2a_id for change in changes}
-    # Sorted: PostgreSQL returns the states in no particular order (SQLite happens to keep insertion order).
-    return [f"{state.g2a_id} stays inactive: {why}" for state in sorted(states, key=lambda state: state.g2a_id)
+    return [f"{state.g2a_id} stays inactive: {why}" for state in states
             if state.mapped and state.g2a_id not in changed and not state.offer_active
             and (why := inactive_reason(state, paused))]
 
 
-class SyncEngine:
-    """Reconciles G2A offers with CWS; passes never overlap (a dirty pass skips while a full pass runs)."""
+Allowances = namedtuple("Allowances", "writes lookups")
 
-    def __init__(self, settings, cws, g2a, pause_switch, clock=db.utcnow, writers=WRITERS, job_timeout=JOB_TIMEOUT):
-        self.settings, self.g2a, self.pause, self.clock = settings, g2a, pause_switch, clock
+
+class SyncEngine:
+    """Reconciles G2A offers with CWS: the paced full sweep (page by page) and the priority lane."""
+
+    def __init__(self, settings, cws, g2a, pause_switch, clock=db.utcnow, writers=WRITERS, job_timeout=JOB_TIMEOUT,
+                 list_pacer=None):
+        self.settings, self.cws, self.g2a, self.pause, self.clock = settings, cws, g2a, pause_switch, clock
         self.catalogue = Catalogue(cws, g2a)
         self.writers, self.job_timeout = writers, job_timeout
         self.max_writes = writes_per_pass(settings)
-        self._lock = threading.Lock()
-        self._dirty_resume_at = 0.0
+        self.batch_size = BATCH_SIZE
+        self.inflight = lane.InFlight()
+        self.list_pacer = list_pacer or Pacer(lambda: self._pace("cws_list"))
+        self.hot = lane.HotReads(settings, lambda: self._pace("cws_product"))
+        self.delta = delta.DeltaReads()
+        self._lane_resume_at = self._quiet_until = 0.0
+        self._failed_sweeps, self._sweep_resume_at = 0, None
 
     def full_pass(self, now=None, dry_run=False):
-        """Reconcile every product; with dry_run the changes are planned (CWS and offers read) but not sent."""
+        """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
+        arrives; with dry_run the changes are planned (CWS and offers read) but not sent."""
         report = PassReport("full", now or self.clock(), paused=self.pause.is_paused())
+        if self._sweep_resume_at is not None and report.started < self._sweep_resume_at:
+            return self._skipped(report)
+        stamp = self.clock if now is None else (lambda: now)
         started = time.monotonic()
-        # The CWS read runs outside the lock, so postbacks keep flowing while a big catalogue is read.
-        self.catalogue.refresh(self._cws_ids(), report.started, report)
-        with self._lock:
-            self.catalogue.discover_if_needed(report)
-            self._reconcile(None, report, dry_run)
+        mapped = set(sweep.mapped_cws_ids())
+        allowance = self._allowances(sweep.write_pace(self.settings))
+        mode, _ = sweep.reading_plan(len(mapped), sweep.last_listing(), self.batch_size)
+        progress = None if dry_run else sweep.Progress(report.started, mode, len(mapped))
+        parts = sweep.read(self.cws, mapped, (mode, self.batch_size), self.list_pacer, stamp, report)
+        first = next(parts, None)  # CWS first, as passes always did: its token is in hand before G2A is listed
+        self.catalogue.discover_if_needed(report)
+        self._sweep_part(sweep.unmapped_only(mapped), stamp(), report, dry_run, allowance)
+        for cws_ids in itertools.chain(() if first is None else [first], parts):
+            self._sweep_part(cws_ids, stamp(), report, dry_run, allowance)
+            if progress:
+                progress.read(len(cws_ids))
         self._finish(report, started)
-        if not dry_run:
-            prune_price_changes(report.started)
-            db.put_setting(LAST_PASS_KEY, report.as_json())
-            if report.succeeded:
-                db.put_setting(LAST_SUCCESS_KEY, report.finished.isoformat())
+        return self._dry_run_listed(report) if dry_run else self._recorded(report, progress)
+
+    def _optional_reads_allowed(self):
+        """Hot products and delta reads only add to what CWS is asked; after a CWS failure they wait QUIET seconds
+        (each failed call also spends a token request), while sweeps and postback marks carry on."""
+        return time.monotonic() >= self._quiet_until
+
+    @staticmethod
+    def _dry_run_listed(report):
+        """The planned changes most urgent first, and the idle offers by G2A id, as `sync --dry-run` prints them."""
+        report.changes.sort(key=lambda change: change.priority)
+        report.inactive.sort(key=lambda line: int(line.split()[0]))
         return report
 
-    def dirty_pass(self, now=None):
-        """Reconcile only the products a CWS postback marked dirty; None when there was nothing to do."""
-        if time.monotonic() < self._dirty_resume_at or not self._lock.acquire(blocking=False):
+    def _skipped(self, report):
+        """A sweep not tried while backing off: failed, so the sync_failing streak goes on, without a CWS call."""
+        report.cws_failed = True
+        report.error(f"CWS products: unreachable at the last {self._failed_sweeps} sweeps; next try at "
+                     f"{self._sweep_resume_at.isoformat()}")
+        return self._finish(report, time.monotonic())
+
+    def _back_off(self, report):
+        """After a sweep that could not read CWS the next waits 1, 2, 4 ... intervals (at most BACKOFF_CAP): each
+        try also spends a token request, and an outage must not use up that budget before CWS is back."""
+        self._failed_sweeps = self._failed_sweeps + 1 if report.cws_failed else 0
+        if not report.cws_failed:
+            self._sweep_resume_at = None
+            return
+        interval = self.settings.sync_interval
+        wait = min(BACKOFF_CAP, 8 * interval, interval * 2 ** (self._failed_sweeps - 1))
+        self._sweep_resume_at = report.started + timedelta(seconds=wait)
+
+    def _recorded(self, report, progress):
+        self._back_off(report)
+        progress.finish(report.finished)
+        prune_price_changes(report.started)
+        db.put_setting(LAST_PASS_KEY, report.as_json())
+        if report.succeeded:
+            db.put_setting(LAST_SUCCESS_KEY, report.finished.isoformat())
+        return report
+
+    def _sweep_part(self, cws_ids, now, report, dry_run, allowance):
+        report.paused = report.paused or self.pause.is_paused()
+        with self.inflight.claim(cws_ids) as mine:
+            self._reconcile(mine, now, report, dry_run, allowance)
+
+    def delta_pass(self, now=None):
+        """Read what CWS changed since the last read (updatedSince) and reconcile it; None when deltas are off
+        (no sweep finished yet, or CWS ignored the parameter lately)."""
+        now = now or self.clock()
+        since = self.delta.since(now) if self._optional_reads_allowed() else None
+        if since is None:
             return None
-        try:
-            dirty = dict(db.CwsProduct.select(db.CwsProduct.id, db.CwsProduct.dirty_since)
-                         .where(db.CwsProduct.dirty_since.is_null(False)).tuples())
-            if not dirty:
+        report = PassReport("delta", now, paused=self.pause.is_paused())
+        started = time.monotonic()
+        covered = self.delta.read(self.cws, set(sweep.mapped_cws_ids()), since, self.list_pacer, self.clock, report)
+        self._sweep_part(sorted(covered or ()), now, report, False, self._allowances())
+        return self._finish(report, started)
+
+    def lane_pass(self, now=None):
+        """Re-read (single GETs) and reconcile the products postbacks marked and the hot products due; None when
+        there was nothing to do."""
+        if time.monotonic() < self._lane_resume_at:
+            return None
+        now = now or self.clock()
+        marks = lane.marks(MARKS_PER_PASS)
+        hot = self.hot.due(now) if self._optional_reads_allowed() else []
+        wanted = list(marks) + [cws_id for cws_id in hot if cws_id not in marks]
+        if not wanted:
+            return None
+        with self.inflight.claim(wanted) as mine:
+            if not mine:
                 return None
-            report = PassReport("dirty", now or self.clock(), paused=self.pause.is_paused())
+            report = PassReport("lane", now, paused=self.pause.is_paused())
             started = time.monotonic()
-            if not self.catalogue.refresh_dirty(dirty, report.started, report):
-                self._dirty_resume_at = time.monotonic() + DIRTY_BACKOFF
-            self._reconcile(list(dirty), report, dry_run=False)
-            return self._finish(report, started)
-        finally:
-            self._lock.release()
+            if self.catalogue.read_products(mine, now, report):
+                clear_marks({cws_id: marks[cws_id] for cws_id in mine if cws_id in marks})
+            else:
+                self._lane_resume_at = time.monotonic() + LANE_BACKOFF
+            # Reconciled even when CWS failed: stock may have moved here meanwhile (reservations, purchases).
+            self._reconcile(mine, now, report, False, self._allowances())
+        return self._finish(report, started)
 
-    def _cws_ids(self):
-        query = db.Product.select(db.Product.cws_product).where(db.Product.mapped == True).distinct()  # noqa: E712
-        return [cws_id for (cws_id,) in query.tuples()]
+    def _pace(self, budget):
+        """Requests per second this process may keep up in a budget class (None: the client is not metered)."""
+        budgets = self.cws.budgets
+        return None if budgets is None else budgets[budget].per_second
 
-    def _reconcile(self, cws_ids, report, dry_run):
-        states = load_states(cws_ids, report.started, self.settings)
-        report.products = len(states)
-        changes = self._plan(states, report)
-        changes = self._with_price_limits(changes, states, report)
-        report.changes = changes
-        report.deferred = sum(1 for change in changes if change.deferred_price is not None)
+    def _allowances(self, per_second=0.0):
+        """Writes and price-limit look-ups one pass may send: a full allowance now, refilled at `per_second`."""
+        return Allowances(Allowance(self.max_writes, per_second), Allowance(LIMIT_LOOKUPS, per_second))
+
+    def _reconcile(self, cws_ids, now, report, dry_run, allowance):
+        if not cws_ids:
+            return
+        states = load_states(cws_ids, now, self.settings)
+        report.products += len(states)
+        changes = self._plan(states, now, report.paused)
+        changes = self._with_price_limits(changes, states, now, report, allowance)
+        report.changes.extend(changes)
+        report.deferred += sum(1 for change in changes if change.deferred_price is not None)
         if dry_run:
-            report.inactive = _idle_offers(states, changes, report.paused)
+            report.inactive.extend(_idle_offers(states, changes, report.paused))
         else:
             self._settle(states, changes)
-            self._apply(changes, report)
+            self._apply(changes, now, report, allowance)
 
-    def _plan(self, states, report):
-        return plan(states, report.started, report.paused, self.settings.price_changes_per_hour,
-                    self.settings.g2a_create_offers)
+    def _plan(self, states, now, paused):
+        return plan(states, now, paused, self.settings.price_changes_per_hour, self.settings.g2a_create_offers)
 
-    def _with_price_limits(self, changes, states, report):
+    def _with_price_limits(self, changes, states, now, report, allowance):
         """Look up G2A's priceLimit for products about to get a price we never checked, and re-plan them."""
         unchecked = [c.g2a_id for c in changes if c.price is not None and not self.catalogue.limit_known(c.g2a_id)]
-        learned = self.catalogue.look_up_limits(unchecked[:LIMIT_LOOKUPS], report)
+        unchecked = unchecked[:allowance.lookups.take(len(unchecked))]
+        learned = self.catalogue.look_up_limits(unchecked, report)
         if not learned:
             return changes
         by_id = {state.g2a_id: state for state in states}
         redo = [replace(by_id[g2a_id], limit_min=low, limit_max=high) for g2a_id, (low, high) in learned.items()]
-        return sorted([c for c in changes if c.g2a_id not in learned] + self._plan(redo, report),
+        return sorted([c for c in changes if c.g2a_id not in learned] + self._plan(redo, now, report.paused),
                       key=lambda change: change.priority)
 
     def _settle(self, states, changes):
@@ -307,15 +259,16 @@ class SyncEngine:
                 db.Product.update(sync_state="in_sync", sync_error=None).where(
                     db.Product.g2a_id.in_(settled[start:start + 500])).execute()
 
-    def _apply(self, changes, report):
+    def _apply(self, changes, now, report, allowance):
         for change in changes:
             if change.action == "missing":
                 self._warn_missing(change)
         held = [Outcome(change) for change in changes if change.deferred_price is not None and not change.sends]
-        store_outcomes(held, report.started)
+        store_outcomes(held, now)
         writes = [change for change in changes if change.sends]
-        # Most urgent first; the rest stay planned for the next pass, so a pass fits its interval.
-        writes, report.postponed = writes[:self.max_writes], max(0, len(writes) - self.max_writes)
+        # Most urgent first; the rest stay planned for the next sweep, so G2A's budget is never spent by sync alone.
+        granted = allowance.writes.take(len(writes))
+        writes, report.postponed = writes[:granted], report.postponed + len(writes) - granted
         if not writes:
             return
         with ThreadPoolExecutor(self.writers, thread_name_prefix="g2a-write") as pool:
@@ -365,6 +318,8 @@ class SyncEngine:
             db.Product.g2a_id == change.g2a_id).execute()
 
     def _finish(self, report, started):
+        if report.cws_failed:
+            self._quiet_until = time.monotonic() + QUIET
         report.finished = self.clock()
         report.duration = time.monotonic() - started
         level = logging.WARNING if report.failed or report.errors else logging.INFO
@@ -373,3 +328,4 @@ class SyncEngine:
                   failed=report.failed, deferred=report.deferred, postponed=report.postponed,
                   seconds=round(report.duration, 3))
         return report
+

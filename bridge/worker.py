@@ -19,6 +19,7 @@ from . import alerts, db, pause, stuck
 from .auth import delete_expired_tokens
 from .budget import budgets_for
 from .crypto import open_key_box
+from .delta import EVERY as DELTA_EVERY
 from .cws import CwsClient
 from .errors import BridgeError, UpstreamError
 from .fulfillment import Fulfilment
@@ -244,7 +245,7 @@ def checked(sync_pass, metrics, throttling=tuple):
     failure: the budget slows down and catches up, and alerts by itself if the throttle lasts (budget.py)."""
     def run(now):
         report = sync_pass(now)
-        if report is None:  # a dirty pass with nothing to do
+        if report is None:  # a lane pass with nothing to do
             return
         metrics.sync_pass(report)
         if report.succeeded:
@@ -289,8 +290,9 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     throttling = budgets.throttling if budgets is not None else tuple
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
-        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics, throttling)),
+        Job("sync.lane", 0.5, checked(engine.lane_pass, metrics, throttling)),
         Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics, throttling), at_start=True),
+        Job("sync.delta", DELTA_EVERY, checked(engine.delta_pass, metrics, throttling)),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
         Job("orders.stuck", 5.0, lambda now: stuck.alert_new(settings, now)),

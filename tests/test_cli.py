@@ -20,6 +20,7 @@ from bridge.budget import budgets_for
 from bridge.cli import COMMANDS, main
 from bridge.config import Settings
 from bridge.metrics import Metrics
+from bridge.sweep import LISTING_KEY
 
 ORDER_IDS = iter(range(80201000000101, 80201000000999))
 SWITCH_CWS = DEMO[0]["cws_product_id"]
@@ -155,8 +156,8 @@ def test_status_is_one_screen_and_exits_0_when_all_is_well(bridge_env, running):
     wait_for(lambda: run_cli(bridge_env, "status").returncode == 0)
     result = run_cli(bridge_env, "status")
     labels = [line.split("  ")[0] for line in result.stdout.splitlines()]
-    assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS balance", "notifications",
-                      "alerts", "worker", "stuck", "budgets", "all good"]
+    assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS state", "sweep", "CWS balance",
+                      "notifications", "alerts", "worker", "stuck", "budgets", "all good"]
     assert "2 in sync, 0 pending, 0 failed" in result.stdout
     assert "1000" in result.stdout
 
@@ -170,6 +171,8 @@ def test_status_json_has_every_figure(bridge_env, running):
     assert figures["orders"]["completed"] == 1
     assert figures["worker"]["heartbeat_age_seconds"] < 10
     assert figures["last_sync"]["age_seconds"] < 30
+    assert figures["cws_state"]["mapped"] == 2 and figures["cws_state"]["oldest_seconds"] < 30
+    assert figures["sweep"]["mapped"] == 2 and figures["sweep"]["last_duration_seconds"] is not None
     assert figures["attention"] == []
     assert figures["upstream_budgets"]["cws_list"]["limit"] == 324
     wait_for(lambda: json.loads(run_cli(bridge_env, "status", "--json").stdout)["upstream_budgets"]["cws_list"]["used"],
@@ -374,12 +377,13 @@ def test_doctor_says_how_long_a_sweep_of_the_mapped_set_takes_and_warns_past_fiv
     assert result.line().startswith("WARN" if warned else "ok  ")
 
 
-def test_the_sweep_estimate_uses_the_page_size_cws_answered_with(database, tmp_path):
-    db.put_setting(doctor.PAGE_SIZE_KEY, "100")
+def test_the_sweep_estimate_uses_what_the_last_catalogue_listing_cost(database, tmp_path):
+    db.put_setting(LISTING_KEY, json.dumps({"products": 10_000, "pages": 100, "at": "2026-01-01T00:00:00+00:00"}))
     settings = Settings(products_file=mapping_of(tmp_path, 10_000))
     assert "one sweep is 100 GET /v3/products" in doctor.check_freshness(settings, database_ok=True).detail
-    assert doctor.sweep_cost(10_000, 100, 0.5) == (100, 200.0)
-    assert doctor.sweep_cost(120, 500, 1.0) == (1, 1.0)
+    assert doctor.sweep_cost(10_000, {"pages": 100}, 0.5) == (100, 200.0)
+    assert doctor.sweep_cost(120, None, 1.0) == (3, 3.0)  # productIds batches of 50
+    assert doctor.sweep_cost(120, {"pages": 1}, 1.0) == (1, 1.0)
 
 
 def test_a_lower_list_limit_makes_doctor_warn(database, tmp_path):

@@ -147,12 +147,13 @@ def test_a_stock_postback_reaches_the_g2a_offer_through_the_dirty_pass(tmp_path)
         sim.cws.set_quantity(A, 1)
         sim.cws.set_quantity(B, 2)
         assert handle(settings, sim.cws.postback("STOCK", products=[sim.cws.stock_entry(A)]), db.utcnow()) == 200
-        report = engine.dirty_pass()
+        report = engine.lane_pass()
         assert [p["body"]["variant"] for p in sim.g2a.patches] == [{"inventory": {"size": 1}}]
         assert report.writes == 1
         with pytest.raises(ContractError):
             handle(settings, sim.cws.postback("STOCK", valid=False, productId=B), db.utcnow())
-        assert engine.dirty_pass() is None
+        assert engine.lane_pass() is None
+
 
 
 def test_replayed_hidden_postbacks_leave_a_product_cws_still_sells_on_sale_and_cws_confirming_takes_it_off(tmp_path):
@@ -169,10 +170,10 @@ def test_replayed_hidden_postbacks_leave_a_product_cws_still_sells_on_sale_and_c
         hidden = sim.cws.postback("PRODUCT_HIDDEN", productId=A)
         for _ in range(3):
             assert handle(settings, hidden, db.utcnow()) == 200
-            engine.dirty_pass()
+            engine.lane_pass()
         assert sim.g2a.patches == [] and sim.g2a.offer_for_product("1")["active"]
         assert (db.CwsProduct.get_by_id(A).listed, db.CwsProduct.get_by_id(A).quantity) == (True, 5)
         sim.cws.remove_product(A)
         assert handle(settings, hidden, db.utcnow()) == 200
-        engine.dirty_pass()
+        engine.lane_pass()
         assert not sim.g2a.offer_for_product("1")["active"]

@@ -179,6 +179,30 @@ def test_an_unknown_or_removed_product_is_404_with_code_20001(sim):
         assert (response.status_code, response.json()["code"]) == (404, 20001)
 
 
+def test_the_page_size_is_a_knob_also_set_over_http(sim):
+    for n in range(8):
+        sim.cws.add_product(str(uuid.UUID(int=n)), n, [(1, None, "1.00")])
+    answer = requests.post(f"{sim.cws_url}/_sim/listing", json={"page_size": 4}, timeout=5)
+    assert answer.json() == {"page_size": 4, "honour_updated_since": True}
+    assert [len(page) for page in list_all(cws(sim))] == [4, 4, 2]
+
+
+def test_updated_since_lists_only_what_changed_unless_the_knob_makes_it_ignored(sim):
+    clock = Clock(datetime.now(timezone.utc) + timedelta(hours=1))  # after the demo products were added
+    sim.cws.now = clock
+    for n in range(3):
+        sim.cws.add_product(str(uuid.UUID(int=n)), 5, [(1, None, "1.00")])
+    since = {"updatedSince": (clock.moment + timedelta(minutes=1)).isoformat()}
+    clock.advance(minutes=5)
+    sim.cws.set_quantity(str(uuid.UUID(int=1)), 0)
+    sim.cws.set_prices(str(uuid.UUID(int=2)), [(1, None, "2.00")])
+    session = cws(sim)
+    changed = [item["productId"] for page in list_all(session, **since) for item in page]
+    assert changed == [str(uuid.UUID(int=1)), str(uuid.UUID(int=2))]
+    requests.post(f"{sim.cws_url}/_sim/listing", json={"honour_updated_since": False}, timeout=5)
+    assert len([item for page in list_all(session, **since) for item in page]) == 5  # the whole catalogue
+
+
 def test_an_invalid_continuation_token_is_400(sim):
     assert get(cws(sim), "/v3/products", params={"continuationToken": "bogus"}).status_code == 400
 

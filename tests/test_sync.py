@@ -17,7 +17,8 @@ from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, 
                               G2A_API_SECRET, Simulator)
 from bridge.stock import available_stock
 from bridge.offers import ProductState
-from bridge.sync import LAST_PASS_KEY, MISSING_OFFER, SyncEngine, inactive_reason, plan, plan_product, writes_per_pass
+from bridge.plan import MISSING_OFFER, inactive_reason, plan, plan_product
+from bridge.sync import LAST_PASS_KEY, SyncEngine, writes_per_pass
 
 NOW = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 PATCH = "PATCH /v3/sales/offers/{id}"
@@ -415,7 +416,7 @@ def test_many_dirty_products_are_read_in_one_batch(world):
     world.map()
     world.engine.full_pass()
     db.CwsProduct.update(dirty_since=db.utcnow()).where(db.CwsProduct.id.in_(cws_ids)).execute()
-    world.engine.dirty_pass()
+    world.engine.lane_pass()
     assert world.sim.cws.requests["GET /v3/products"] == 2
     assert world.sim.cws.requests["GET /v3/products/{id}"] == 0
 
@@ -497,18 +498,18 @@ def test_a_dirty_pass_reconciles_only_the_marked_products(world):
     other, other_cws = world.product(5, offer=("6.48", 5, True))
     world.map()
     world.engine.full_pass()
-    assert world.engine.dirty_pass() is None
+    assert world.engine.lane_pass() is None
     world.sim.cws.set_quantity(first_cws, 2)
     world.sim.cws.set_quantity(other_cws, 1)
     db.CwsProduct.update(dirty_since=db.utcnow()).where(db.CwsProduct.id == first_cws).execute()
     before, reads = world.patches(), world.sim.cws.requests.copy()
-    report = world.engine.dirty_pass()
+    report = world.engine.lane_pass()
     assert report.writes == 1 and world.patches() == before + 1
     assert world.sim.cws.requests - reads == {"GET /v3/products/{id}": 1}  # one product: one single GET
     assert world.offer(first) == (D("6.48"), 2, True)
     assert world.offer(other) == (D("6.48"), 5, True)
     assert db.CwsProduct.get_by_id(first_cws).dirty_since is None
-    assert world.engine.dirty_pass() is None
+    assert world.engine.lane_pass() is None
 
 
 def test_a_pass_stores_what_cws_says_about_each_product(world):
@@ -553,7 +554,7 @@ def test_a_dirty_pass_deactivates_a_product_cws_no_longer_lists(world):
     world.engine.full_pass()
     world.sim.cws.remove_product(cws_id)
     db.CwsProduct.update(dirty_since=db.utcnow()).where(db.CwsProduct.id == cws_id).execute()
-    world.engine.dirty_pass()
+    world.engine.lane_pass()
     assert world.offer(g2a_id) == (D("6.48"), 0, False)
     assert db.CwsProduct.get_by_id(cws_id).listed is False
 
@@ -574,6 +575,6 @@ def test_a_dirty_pass_that_cannot_reach_cws_keeps_the_mark_and_backs_off(world):
     world.engine.full_pass()
     db.CwsProduct.update(dirty_since=db.utcnow()).where(db.CwsProduct.id == cws_id).execute()
     world.sim.cws.fail_next("/v3/products", 500, 500, 500, 500)
-    report = world.engine.dirty_pass()
+    report = world.engine.lane_pass()
     assert report.errors and db.CwsProduct.get_by_id(cws_id).dirty_since is not None
-    assert world.engine.dirty_pass() is None
+    assert world.engine.lane_pass() is None

@@ -111,6 +111,7 @@ class _Product:
     name: str
     quantity: int
     bands: list
+    updated_at: datetime  # what updatedSince compares: the last change of quantity or prices
     mode: str = "instant"
     polls: int = 2
 
@@ -150,7 +151,8 @@ class _Order:
 class FakeCws(FakeApi):
     """Stateful fake of the CWS v3 API.
 
-    Knobs: token_ttl, token_shape ("oauth"/"spring"), page_size, balance, delay, hang_seconds, now (a
+    Knobs: token_ttl, token_shape ("oauth"/"spring"), page_size (GET /v3/products), honour_updated_since (False: the
+    listing ignores updatedSince, as CWS may), balance, delay, hang_seconds, now (a
     clock returning an aware datetime: token expiry and createdOn), per-product fulfilment modes (MODES),
     fail_next faults, rate limits per class token/list/product/other (`limits`, limits.py: off unless
     rate_limits= or limits.enforce() turns them on; limits.throttle() answers 429 to a class for a while;
@@ -173,6 +175,7 @@ class FakeCws(FakeApi):
         self.token_ttl = 3600
         self.token_shape = "oauth"
         self.page_size = 100
+        self.honour_updated_since = True
         self.balance = Decimal("1000.00")
         self.hang_seconds = 30.0
         self.short_by = 1
@@ -207,6 +210,7 @@ class FakeCws(FakeApi):
             Route("POST", "/_sim/orders/{id}/complete", self._control_complete),
             Route("GET", "/_sim/orders", lambda request: {"items": self.orders}),
             Route("POST", "/_sim/faults", self._control_faults),
+            Route("POST", "/_sim/listing", self._control_listing),
             Route("POST", "/_sim/limits", lambda request: self.limits.control(request.json())),
             Route("GET", "/_sim/limits", lambda request: self.limits.counts()),
         ]
@@ -219,15 +223,17 @@ class FakeCws(FakeApi):
     def add_product(self, product_id, quantity, prices, name=None):
         with self._lock:
             self._products[product_id] = _Product(product_id, name or f"Simulated game {product_id[:8]}",
-                                                  int(quantity), tiers(prices))
+                                                  int(quantity), tiers(prices), self.now())
 
     def set_quantity(self, product_id, quantity):
         with self._lock:
-            self._products[product_id].quantity = int(quantity)
+            product = self._products[product_id]
+            product.quantity, product.updated_at = int(quantity), self.now()
 
     def set_prices(self, product_id, prices):
         with self._lock:
-            self._products[product_id].bands = tiers(prices)
+            product = self._products[product_id]
+            product.bands, product.updated_at = tiers(prices), self.now()
 
     def remove_product(self, product_id):
         with self._lock:
@@ -327,6 +333,10 @@ class FakeCws(FakeApi):
 
     def _list_products(self, request):
         products = self._select(request.query.get("productIds"))
+        since = request.query.get("updatedSince")
+        if since and self.honour_updated_since:
+            moment = parse_bound(since, end=False)
+            products = [product for product in products if product.updated_at >= moment]
         start = self._page_start(request.query.get("continuationToken"))
         end = start + self.page_size
         items = [product.as_item() for product in products[start:end]]
@@ -426,6 +436,7 @@ class FakeCws(FakeApi):
         for line in order.lines:
             in_stock = min(line.quantity, line.product.quantity)
             line.product.quantity -= in_stock
+            line.product.updated_at = self.now()
             line.codes = self._first_codes(line.product.mode, line.quantity * self.codes_per_unit,
                                            in_stock * self.codes_per_unit)
         if "delayed" in modes:
@@ -569,3 +580,10 @@ class FakeCws(FakeApi):
         body = request.json()
         self.fail_next(body["prefix"], *body["outcomes"])
         return {"queued": len(body["outcomes"])}
+
+    def _control_listing(self, request):
+        body = request.json()
+        with self._lock:
+            self.page_size = int(body.get("page_size", self.page_size))
+            self.honour_updated_since = bool(body.get("honour_updated_since", self.honour_updated_since))
+        return {"page_size": self.page_size, "honour_updated_since": self.honour_updated_since}
