@@ -18,6 +18,7 @@ from polling import wait_for
 from bridge import db, status
 from bridge.cli import COMMANDS, main
 from bridge.config import Settings
+from bridge.products import MappingWatcher
 
 ORDER_IDS = iter(range(80201000000101, 80201000000999))
 SWITCH_CWS = DEMO[0]["cws_product_id"]
@@ -326,6 +327,23 @@ def test_status_lists_what_needs_attention(database):
     for needle in ("! worker is not running", "! 1 FAILED orders: g2a-bridge orders --state failed",
                    "! last sync pass was 5 min ago", "! CWS balance 12.50 EUR is below CWS_LOW_BALANCE 50"):
         assert needle in text
+
+
+def test_status_reports_a_refused_products_json_until_a_good_one_is_loaded(database, tmp_path):
+    path = tmp_path / "products.json"
+    path.write_text('{"products": [{"cws_product_id": "not-a-uuid", "g2a_product_id": 1}]}')
+    watcher = MappingWatcher(path, Decimal("0.50"), Decimal("0.15"))
+    db.Lease.create(name="worker", holder="h:1:x", expires_at=db.utcnow(), heartbeat_at=db.utcnow())
+    watcher.poll()
+    figures = status.collect(Settings(), db.utcnow())
+    assert figures["products_refused"]["file"] == str(path)
+    text = status.render(figures)
+    assert "all good" not in text
+    assert f"! {path} is refused, the previous mapping stays in force: " in text and "cws_product_id" in text
+    path.write_text(json.dumps({"products": DEMO}))
+    watcher.poll()
+    figures = status.collect(Settings(), db.utcnow())
+    assert figures["products_refused"] is None and figures["attention"] == []
 
 
 def test_status_of_an_empty_database_is_honest(database):
