@@ -182,6 +182,7 @@ def test_status_exits_1_and_says_so_when_the_worker_is_not_running(bridge_env, w
 def test_pause_stops_selling_within_2_seconds_and_resume_restarts_it(bridge_env, running):
     result = run_cli(bridge_env, "pause")
     assert result.returncode == 0 and 'run "g2a-bridge resume" to resume' in result.stdout
+    assert "G2A sees no stock" not in result.stdout and "G2A offers keep their price and stock" in result.stdout
     time.sleep(2.1)
     refused = running.reserve((SWITCH, 1))
     assert refused.status_code == 400 and refused.json()["stock"][0]["inventory_size"] == 0
