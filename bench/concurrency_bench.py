@@ -7,7 +7,7 @@ and writes offers. Printed: throughput, answers by status, p50/p95/p99/max laten
 that ran during the load, "database is locked" occurrences, then the invariants (no 5xx, nothing lost, no
 oversell, every order with its keys and exactly one CWS order). Exit status 1 when an invariant fails.
 
-The simulator runs in its own process (seeded from a spec file), so the clients here don't share its GIL.
+The simulator runs in its own process (harness.RemoteSimulator), so the clients here don't share its GIL.
 Usage: .venv/bin/python bench/concurrency_bench.py [--products 10000] [--seconds 45] [--clients 24]
 """
 import argparse
@@ -17,52 +17,37 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from decimal import Decimal
 from pathlib import Path
 
-import requests
 from peewee import fn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
+from bridge import db
 
-from bridge import db  # noqa: E402
-from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, G2A_API_KEY, G2A_API_SECRET  # noqa: E402
-
-CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 FIRST_G2A_ID = 10000070000000
-SIMULATOR = r"""
-import json, random, sys, threading
-from decimal import Decimal
-from bridge.sim import Simulator
-spec = json.load(open(sys.argv[1]))
-sim = Simulator(int(sys.argv[2]), int(sys.argv[3])).start()
-sim.cws.balance = Decimal("1000000000")
-for cws_id, g2a_id, quantity in spec["products"]:
-    sim.cws.add_product(cws_id, quantity, [(1, None, "5.00")])
-    sim.g2a.add_offer(g2a_id, price="6.48", stock=quantity, active=True)  # in sync: (5.00 + 0.50) / 0.85
-rng, stop = random.Random(7), threading.Event()
-def churn():
-    while not stop.wait(0.5):
-        for cws_id in rng.sample(spec["bulk"], int(len(spec["bulk"]) * spec["churn"])):
-            sim.cws.set_quantity(cws_id, rng.randint(0, 100))
-threading.Thread(target=churn, daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()  # runs until the bench closes our stdin
-"""
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def seed(sim, spec):
+    """Every product in CWS and its offer on G2A, in sync; a thread changes bulk quantities twice a second."""
+    sim.cws.balance = Decimal("1000000000")
+    for cws_id, g2a_id, quantity in spec["products"]:
+        sim.cws.add_product(cws_id, quantity, [(1, None, "5.00")])
+        sim.g2a.add_offer(g2a_id, price="6.48", stock=quantity, active=True)  # in sync: (5.00 + 0.50) / 0.85
+    rng, never = random.Random(7), threading.Event()
+
+    def churn():
+        while not never.wait(0.5):
+            for cws_id in rng.sample(spec["bulk"], int(len(spec["bulk"]) * spec["churn"])):
+                sim.cws.set_quantity(cws_id, rng.randint(0, 100))
+    threading.Thread(target=churn, daemon=True).start()
+    return {}
 
 
 class Products:
@@ -79,60 +64,26 @@ class Products:
         return self.bulk + self.hot + self.scarce
 
     def write(self, folder, churn):
-        spec = {"products": [[cws, str(g2a), qty] for g2a, cws, qty in self.everything()],
-                "bulk": [cws for _, cws, _ in self.bulk], "churn": churn}
-        (folder / "spec.json").write_text(json.dumps(spec))
+        """products.json in `folder`; the simulator's seed spec returned."""
         (folder / "products.json").write_text(json.dumps(
             {"products": [{"cws_product_id": cws, "g2a_product_id": g2a} for g2a, cws, _ in self.everything()]}))
+        return {"products": [[cws, str(g2a), qty] for g2a, cws, qty in self.everything()],
+                "bulk": [cws for _, cws, _ in self.bulk], "churn": churn}
 
 
-class Sim:
-    """The simulator in its own process; CWS control routes for the final checks."""
+def orders(sim):
+    return sim.control("GET", "orders")["items"]
 
-    def __init__(self, folder):
-        self.cws_port, self.g2a_port = free_port(), free_port()
-        self.cws_url, self.g2a_url = f"http://127.0.0.1:{self.cws_port}", f"http://127.0.0.1:{self.g2a_port}"
-        self.proc = subprocess.Popen([sys.executable, "-c", SIMULATOR, str(folder / "spec.json"), str(self.cws_port),
-                                      str(self.g2a_port)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout.readline().strip() == b"ready"
 
-    def orders(self):
-        return requests.get(f"{self.cws_url}/_sim/orders", timeout=60).json()["items"]
-
-    def quantity(self, cws_id):
-        return requests.post(f"{self.cws_url}/_sim/products/{cws_id}", json={}, timeout=10).json()["quantity"]
-
-    def stop(self):
-        self.proc.stdin.close()
-        self.proc.wait(10)
+def quantity(sim, cws_id):
+    return sim.control("POST", f"products/{cws_id}", {})["quantity"]
 
 
 def environment(sim, folder, port, args):
-    (folder / "empty.env").write_text("")
     # writes per pass = requests per minute x interval / 60 / 3 (sync.writes_per_pass)
     per_minute = args.writes_per_pass * 3 * 60 // args.sync_interval
-    return {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
-            "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
-            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
-            "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
-            "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
-            "PORT": str(port), "LOG_LEVEL": "INFO", "WEB_THREADS": "8",
-            "SYNC_INTERVAL_SECONDS": str(args.sync_interval), "G2A_REQUESTS_PER_MINUTE": str(per_minute)}
-
-
-def start(command, env, folder):
-    log = open(folder / f"{command}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-def wait_until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"{what} not within {timeout}s")
+    return harness.bridge_env(sim, folder, port, LOG_LEVEL="INFO", SYNC_INTERVAL_SECONDS=args.sync_interval,
+                              G2A_REQUESTS_PER_MINUTE=per_minute)
 
 
 def cpu_seconds(pid):
@@ -264,7 +215,7 @@ def check(ledger, products, sim, database, logs):
     sold = Counter(g2a_id for (g2a_id,) in items.select(items.g2a_product_id).tuples())
     states = Counter(state for (state,) in db.Reservation.select(db.Reservation.state).tuples())
     cws_orders = defaultdict(list)
-    for cws_order in sim.orders():
+    for cws_order in orders(sim):
         cws_orders[cws_order["clientOrderId"]].append(cws_order)
     delivered = Counter(order_id for (order_id,) in
                         items.select(items.order).where(items.state == "delivered").tuples())
@@ -284,7 +235,7 @@ def check(ledger, products, sim, database, logs):
                                         for order_id, (_, quantity, _) in ledger.orders.items()),
         "no oversell of scarce products": all(
             ledger.held[g2a] + ledger.sold[g2a] <= products.scarce_stock
-            and sim.quantity(cws) == products.scarce_stock - ledger.sold[g2a] for g2a, cws, _ in products.scarce),
+            and quantity(sim, cws) == products.scarce_stock - ledger.sold[g2a] for g2a, cws, _ in products.scarce),
     }
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
@@ -307,43 +258,37 @@ def main(argv=None):
     products = Products(args.products, args.hot, args.scarce, args.scarce_stock)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        products.write(folder, args.churn)
-        sim, port = Sim(folder), free_port()
-        env = environment(sim, folder, port, args)
-        worker = start("worker", env, folder)
-        web = None
-        try:
-            wait_until(lambda: full_passes((folder / "worker.log").read_text()), 300, "the first sync pass")
-            web = start("web", env, folder)
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: _ready(base), 60, "the web server")
-            token = requests.get(f"{base}/oauth/token", params={"grant_type": "client_credentials",
-                                 "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}).json()["access_token"]
-            before = len(full_passes((folder / "worker.log").read_text()))
-            print(f"first full pass, before the load (products, writes, seconds): "
-                  f"{full_passes((folder / 'worker.log').read_text())[0]}")
-            pids = {"web": web.pid, "worker": worker.pid, "simulator": sim.proc.pid, "clients": os.getpid()}
-            cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            ledger, elapsed = load(port, token, products, args)
-            cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
-            logs = (folder / "web.log").read_text() + (folder / "worker.log").read_text()
-            passes = full_passes((folder / "worker.log").read_text())[before:]
-            report_load(ledger, elapsed, passes, logs.count("database is locked"), cpu)
-            time.sleep(2)  # orders answered 202 finish in the worker
-            ok = check(ledger, products, sim, env["DATABASE_URL"], logs)
-        finally:
-            for proc in filter(None, (web, worker)):
-                proc.terminate()
-                proc.wait(15)
-            sim.stop()
-    return 0 if ok else 1
+        spec = products.write(folder, args.churn)
+        with harness.RemoteSimulator(seed, spec) as sim:
+            return measure(products, sim, folder, args)
 
 
-def _ready(base):
+def measure(products, sim, folder, args):
+    port = harness.free_port()
+    env = environment(sim, folder, port, args)
+    procs = {"worker": harness.start("worker", env, folder)}
     try:
-        return requests.get(f"{base}/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
+        harness.wait_until(lambda: full_passes((folder / "worker.log").read_text()), 300, "the first sync pass")
+        procs["web"] = harness.start("web", env, folder)
+        base = f"http://127.0.0.1:{port}"
+        harness.wait_ready(base, procs["web"])
+        token = harness.access_token(base)
+        before = len(full_passes((folder / "worker.log").read_text()))
+        print(f"first full pass, before the load (products, writes, seconds): "
+              f"{full_passes((folder / 'worker.log').read_text())[0]}")
+        pids = {"web": procs["web"].pid, "worker": procs["worker"].pid, "simulator": sim.process.pid,
+                "clients": os.getpid()}
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        ledger, elapsed = load(port, token, products, args)
+        cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
+        logs = (folder / "web.log").read_text() + (folder / "worker.log").read_text()
+        passes = full_passes((folder / "worker.log").read_text())[before:]
+        report_load(ledger, elapsed, passes, logs.count("database is locked"), cpu)
+        time.sleep(2)  # orders answered 202 finish in the worker
+        ok = check(ledger, products, sim, env["DATABASE_URL"], logs)
+    finally:
+        harness.stop(procs)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -7,93 +7,31 @@ Usage: .venv/bin/python bench/order_bench.py [--orders 200] [--delayed 8]
 """
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
+from bridge.sim import DEMO_PRODUCTS
 
-from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, DEMO_PRODUCTS, G2A_API_KEY,  # noqa: E402
-                              G2A_API_SECRET)
-
-CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 (INSTANT_CWS, INSTANT_G2A, *_), (DELAYED_CWS, DELAYED_G2A, *_) = DEMO_PRODUCTS
-SIMULATOR = """
-import sys, threading
-from decimal import Decimal
-from bridge.sim import Simulator
-sim = Simulator(int(sys.argv[1]), int(sys.argv[2])).start()
-sim.seed_demo()
-sim.cws.balance = Decimal("1000000")  # no control route for it
-print("ready", flush=True)
-threading.Event().wait()
-"""
 
 
-class Sim:
-    """The fake CWS in its own process, driven over HTTP."""
-
-    def __init__(self):
-        self.cws_port, self.g2a_port = free_port(), free_port()
-        self.cws_url, self.g2a_url = f"http://127.0.0.1:{self.cws_port}", f"http://127.0.0.1:{self.g2a_port}"
-        self.proc = subprocess.Popen([sys.executable, "-c", SIMULATOR, str(self.cws_port), str(self.g2a_port)],
-                                     cwd=ROOT, stdout=subprocess.PIPE)
-        assert self.proc.stdout.readline().strip() == b"ready"
-
-    def control(self, method, path, body=None):
-        answer = requests.request(method, f"{self.cws_url}/_sim/{path}", json=body, timeout=10)
-        assert answer.status_code == 200, answer.text
-        return answer.json()
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def seed(sim):
+    sim.seed_demo()
+    sim.cws.balance = Decimal("1000000")  # no control route for it
 
 
 def environment(sim, folder, port):
-    (folder / "empty.env").write_text("")
     (folder / "products.json").write_text(json.dumps([{"cws_product_id": cws, "g2a_product_id": int(g2a)}
                                                       for cws, g2a, *_ in DEMO_PRODUCTS]))
-    return {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
-            "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
-            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
-            "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
-            "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
-            "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8", "STOCK_MAX_AGE_SECONDS": "3600"}
-
-
-def start(command, env, folder):
-    log = open(folder / f"{command}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-def wait_ready(base, proc):
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise SystemExit(f"web exited with {proc.returncode}")
-        try:
-            if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit("web never became ready")
+    return harness.bridge_env(sim, folder, port, STOCK_MAX_AGE_SECONDS=3600)
 
 
 class G2A:
@@ -101,9 +39,7 @@ class G2A:
 
     def __init__(self, base):
         self.base, self.local = base, threading.local()
-        token = requests.get(f"{base}/oauth/token", params={
-            "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}).json()
-        self.headers = {"Authorization": f"Bearer {token['access_token']}"}
+        self.headers = {"Authorization": f"Bearer {harness.access_token(base)}"}
         self.next_id = iter(range(80201000000000, 80209000000000))
         self.lock = threading.Lock()
 
@@ -166,27 +102,23 @@ def main(argv=None):
     parser.add_argument("--orders", type=int, default=200, help="instant orders per run (default 200)")
     parser.add_argument("--delayed", type=int, default=8, help="delayed orders to time (default 8)")
     args = parser.parse_args(argv)
-    sim = Sim()
-    with tempfile.TemporaryDirectory() as tmp:
+    with harness.RemoteSimulator(seed) as sim, tempfile.TemporaryDirectory() as tmp:
         sim.control("POST", f"products/{INSTANT_CWS}", {"quantity": 10 * args.orders + 100})
         sim.control("POST", f"products/{DELAYED_CWS}", {"quantity": args.delayed + 10})
         sim.control("POST", f"fulfilment/{DELAYED_CWS}", {"mode": "delayed", "polls": 10**9})
-        folder, port = Path(tmp), free_port()
+        folder, port = Path(tmp), harness.free_port()
         env = environment(sim, folder, port)
-        web, worker = start("web", env, folder), start("worker", env, folder)
+        procs = {"web": harness.start("web", env, folder), "worker": harness.start("worker", env, folder)}
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_ready(base, web)
+            harness.wait_ready(base, procs["web"])
             g2a = G2A(base)
             instant(g2a, 10, 1)  # warm-up: tokens, connections, caches
             print(f"POST /order, instant, sequential:    {percentiles(instant(g2a, args.orders, 1))}")
             print(f"POST /order, instant, 8 concurrent:  {percentiles(instant(g2a, args.orders, 8))}")
             print(f"CWS completes -> keys in inventory:  {percentiles(delivery_delays(g2a, sim, args.delayed))}")
         finally:
-            for proc in (web, worker):
-                proc.terminate()
-                proc.wait(15)
-            sim.stop()
+            harness.stop(procs)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,10 @@ Uses wrk (Debian package `wrk`) when present; otherwise a Python keep-alive clie
 import argparse
 import http.client
 import json
-import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,58 +17,26 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, G2A_API_KEY, G2A_API_SECRET,  # noqa: E402
-                              Simulator)
+import harness
+from harness import Simulator
 
 CWS_ID, G2A_ID = "466c805b-ead1-4851-bc4f-9eda242550ad", 10000068865001
-CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret-0123456789abcdef0123"
 BODY = json.dumps([{"product_id": G2A_ID, "quantity": 1}])
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url, proc):
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit(f"server at {url} never became ready")
-
-
 def start_bridge(sim, folder, port):
-    (folder / "empty.env").write_text("")
     (folder / "products.json").write_text(json.dumps([{"cws_product_id": CWS_ID, "g2a_product_id": G2A_ID}]))
-    env = {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
-           "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
-           "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
-           "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
-           "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
-           "PORT": str(port), "STOCK_MAX_AGE_SECONDS": "3600", "LOG_LEVEL": "WARNING", "WEB_THREADS": "8"}
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", "web"], cwd=ROOT, env=env)
-    wait_ready(f"http://127.0.0.1:{port}/health", proc)
-    token = requests.get(f"http://127.0.0.1:{port}/oauth/token", params={
-        "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}).json()
-    headers = {"Authorization": f"Bearer {token['access_token']}", "Content-Type": "application/json"}
-    warm = requests.post(f"http://127.0.0.1:{port}/reservation", data=BODY, headers=headers)
+    proc = harness.start("web", harness.bridge_env(sim, folder, port, STOCK_MAX_AGE_SECONDS=3600), folder)
+    base = f"http://127.0.0.1:{port}"
+    harness.wait_ready(base, proc)
+    headers = {"Authorization": f"Bearer {harness.access_token(base)}", "Content-Type": "application/json"}
+    warm = requests.post(f"{base}/reservation", data=BODY, headers=headers)
     assert warm.status_code == 200, warm.text
     return proc, headers
 
 
 def start_bare(folder, port):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_app.py"), str(port), str(folder / "bare.db")])
-    wait_ready(f"http://127.0.0.1:{port}/health", proc)
-    return proc, {"Content-Type": "application/json"}
+    return harness.start_bare(port, folder / "bare.db"), {"Content-Type": "application/json"}
 
 
 def run_wrk(port, headers, seconds, connections, folder):
@@ -123,13 +88,12 @@ def main():
         results = {}
         for name, starter in (("bridge POST /reservation", lambda p: start_bridge(sim, folder, p)),
                               ("bare bottle+waitress+1 insert", lambda p: start_bare(folder, p))):
-            port = free_port()
+            port = harness.free_port()
             proc, headers = starter(port)
             try:
                 results[name] = load(port, headers, args.seconds, args.connections, folder)
             finally:
-                proc.terminate()
-                proc.wait()
+                harness.stop({name: proc})
     print(f"load: {load.__name__[4:]}, {args.connections} connections, {args.seconds}s each, cached stock")
     for name, (rate, p99, errors) in results.items():
         print(f"{name:32} {rate:8.0f} req/s   p99 {p99:7.1f} ms   non-2xx {errors}")

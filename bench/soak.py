@@ -15,13 +15,9 @@ import argparse
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,15 +29,11 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
+from bridge.postbacks import expected_hash
+from bridge.pricing import decide_price
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE
 
-from bridge.postbacks import expected_hash  # noqa: E402
-from bridge.pricing import decide_price  # noqa: E402
-from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
-                              G2A_API_SECRET, Simulator)
-
-CLIENT_ID, CLIENT_SECRET = "soak-client", "soak-secret-0123456789abcdef0123"
 PROFIT, FEE = Decimal("0.50"), Decimal("0.15")  # the bridge's defaults: offers start at the price it would set
 REPORT_EVERY, SAMPLE_EVERY = 30.0, 5.0
 DELAYED_SHARE = 0.3
@@ -55,8 +47,7 @@ def entry(i):
 
 # ---- the simulator process ---------------------------------------------------------------------------------------
 
-def simulator_process(conn, size):
-    sim = Simulator().start()
+def seed(sim, size):
     sim.cws.page_size, sim.cws.balance = 1000, Decimal("100000000")
     for i in range(size):
         cws_id, g2a_id, cost, quantity, delayed = entry(i)
@@ -64,75 +55,23 @@ def simulator_process(conn, size):
         if delayed:
             sim.cws.set_fulfilment(cws_id, "delayed", polls=DELAYED_POLLS)
         sim.g2a.add_offer(g2a_id, decide_price(cost, PROFIT, FEE).price, quantity, active=True)
-    conn.send((sim.cws_url, sim.g2a_url))
+
     def change(cws_id, quantity, price):
         sim.cws.set_quantity(cws_id, quantity)
         sim.cws.set_prices(cws_id, [(1, None, price)])
 
     def counts():
         return {"g2a_writes": len(sim.g2a.patches), "cws_orders": len(sim.cws.orders)}
-
-    commands = {"set": change, "counts": counts}
-    while True:
-        name, args = conn.recv()
-        if name == "stop":
-            sim.stop()
-            conn.send(None)
-            return
-        conn.send(commands[name](*args))
-
-
-class Remote:
-    """Calls into the simulator process, one at a time."""
-
-    def __init__(self, conn):
-        self.conn, self.lock = conn, threading.Lock()
-
-    def __call__(self, name, *args):
-        with self.lock:
-            self.conn.send((name, args))
-            return self.conn.recv()
+    return {"set": change, "counts": counts}
 
 
 # ---- web and worker ----------------------------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment(folder, cws_url, g2a_url, port, size):
-    (folder / "empty.env").write_text("")
+def environment(sim, folder, port, size):
     products = [{"cws_product_id": entry(i)[0], "g2a_product_id": entry(i)[1]} for i in range(size)]
     (folder / "products.json").write_text(json.dumps({"products": products}))
-    return {"PATH": os.environ["PATH"], "ENV_FILE": str(folder / "empty.env"), "OUR_API_CLIENT_ID": CLIENT_ID,
-            "OUR_API_CLIENT_SECRET": CLIENT_SECRET, "CWS_CLIENT_ID": CWS_CLIENT_ID,
-            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_CLIENT_SIGNATURE": CWS_CLIENT_SIGNATURE,
-            "CWS_API_BASE_URL": cws_url, "G2A_API_KEY": G2A_API_KEY, "G2A_API_SECRET": G2A_API_SECRET,
-            "G2A_API_BASE_URL": g2a_url, "DATABASE_URL": f"sqlite:///{folder}/bridge.db",
-            "PRODUCTS_FILE": str(folder / "products.json"), "PORT": str(port), "LOG_LEVEL": "WARNING",
-            "SYNC_INTERVAL_SECONDS": "15", "RESERVATION_TTL_MINUTES": "1", "ORDER_INLINE_WAIT_SECONDS": "1"}
-
-
-def start(command, env, folder):
-    log = open(folder / f"{command}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-def wait_ready(base, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"web exited with {proc.returncode}")
-        try:
-            if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("web never became ready")
+    return harness.bridge_env(sim, folder, port, CWS_CLIENT_SIGNATURE=CWS_CLIENT_SIGNATURE, SYNC_INTERVAL_SECONDS=15,
+                              RESERVATION_TTL_MINUTES=1, ORDER_INLINE_WAIT_SECONDS=1)
 
 
 def memory(pid):
@@ -183,13 +122,7 @@ class G2A:
         self.delivered = []  # (order_id, [item ids]) that may be returned later
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.token = self._token()
-
-    def _token(self):
-        answer = requests.get(f"{self.base}/oauth/token", params={
-            "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, timeout=10)
-        answer.raise_for_status()
-        return answer.json()["access_token"]
+        self.token = harness.access_token(base)
 
     def call(self, action, method, path, body=None):
         if not hasattr(self.local, "session"):
@@ -286,7 +219,7 @@ class G2A:
                 chance, product, _ = self.pick(1)
                 cws_id, _, cost, quantity, _ = entry(product)
                 new_cost = (cost * Decimal(str(0.9 + chance * 0.2))).quantize(Decimal("0.01"))
-                self.remote("set", cws_id, 5 + int(chance * 1000) % 50, str(new_cost))
+                self.remote.set(cws_id, 5 + int(chance * 1000) % 50, str(new_cost))
                 self.stats.count("CWS changes")
                 if chance < 0.5:
                     body = {"type": "STOCK", "authHash": expected_hash(CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE),
@@ -369,34 +302,20 @@ def summary(stats, samples, started, ended, counts, folder, pending):
 # ---- driver ----------------------------------------------------------------------------------------------------
 
 def run(args, folder):
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    simulator = ctx.Process(target=simulator_process, args=(child, args.products), daemon=True)
-    simulator.start()
-    cws_url, g2a_url = parent.recv()
-    remote, port = Remote(parent), free_port()
-    env = environment(folder, cws_url, g2a_url, port, args.products)
-    procs = {"web": start("web", env, folder), "worker": start("worker", env, folder)}
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, procs["web"])
-        print(f"soak: {args.minutes} min, {args.rate} reservations/s, {args.products} products "
-              f"({DELAYED_SHARE:.0%} fulfilled late), {args.change_count} CWS changes every {args.change_every} s; "
-              f"web pid {procs['web'].pid}, worker pid {procs['worker'].pid}, files in {folder}", flush=True)
-        drive(args, base, remote, procs, folder)
-    finally:
-        signalled = time.monotonic()
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for name, proc in procs.items():
-            try:
-                code = proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = "killed after 15 s"
-            print(f"{name} stopped: exit {code}, {time.monotonic() - signalled:.1f} s after SIGTERM")
-        remote("stop")
-        simulator.join(10)
+    with harness.RemoteSimulator(seed, args.products) as remote:
+        port = harness.free_port()
+        env = environment(remote, folder, port, args.products)
+        procs = {"web": harness.start("web", env, folder), "worker": harness.start("worker", env, folder)}
+        try:
+            base = f"http://127.0.0.1:{port}"
+            harness.wait_ready(base, procs["web"])
+            print(f"soak: {args.minutes} min, {args.rate} reservations/s, {args.products} products "
+                  f"({DELAYED_SHARE:.0%} fulfilled late), {args.change_count} CWS changes every {args.change_every} "
+                  f"s; web pid {procs['web'].pid}, worker pid {procs['worker'].pid}, files in {folder}", flush=True)
+            drive(args, base, remote, procs, folder)
+        finally:
+            for name, (code, seconds) in harness.stop(procs).items():
+                print(f"{name} stopped: exit {code}, {seconds:.1f} s after SIGTERM")
 
 
 def drive(args, base, remote, procs, folder):
@@ -419,7 +338,7 @@ def drive(args, base, remote, procs, folder):
                 end = now
         if now >= last_report + REPORT_EVERY or now >= end:
             rss = {name: mb for name, (mb, _) in samples[-1][1].items()}
-            line, previous = interval_line(now - started, now - last_report, stats, previous, rss, remote("counts"),
+            line, previous = interval_line(now - started, now - last_report, stats, previous, rss, remote.counts(),
                                            len(g2a.pending))
             print(line, flush=True)
             last_report = now
@@ -430,7 +349,7 @@ def drive(args, base, remote, procs, folder):
     for thread in threads:
         thread.join(35)
     ended = time.monotonic()
-    print(summary(stats, samples, started, ended, remote("counts"), folder, len(g2a.pending)), flush=True)
+    print(summary(stats, samples, started, ended, remote.counts(), folder, len(g2a.pending)), flush=True)
 
 
 def main(argv=None):

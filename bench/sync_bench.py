@@ -9,7 +9,6 @@ the first pass alone would take minutes, and the bench measures our own cost. Th
 """
 import argparse
 import json
-import multiprocessing
 import random
 import resource
 import statistics
@@ -22,21 +21,19 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bridge import db  # noqa: E402
-from bridge.config import Settings  # noqa: E402
-from bridge.cws import CwsClient  # noqa: E402
-from bridge.g2a import G2aClient  # noqa: E402
-from bridge.migrations import open_database  # noqa: E402
-from bridge.pause import PauseSwitch  # noqa: E402
-from bridge.postbacks import expected_hash, handle  # noqa: E402
-from bridge.pricing import decide_price  # noqa: E402
-from bridge.products import apply_mapping, load_mapping  # noqa: E402
-from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,  # noqa: E402
-                              G2A_API_SECRET, Simulator)
-from bridge.sync import REQUESTS_PER_WRITE, SyncEngine  # noqa: E402
-from bridge.upstream import RequestBudget  # noqa: E402
+import harness
+from bridge import db
+from bridge.config import Settings
+from bridge.cws import CwsClient
+from bridge.g2a import G2aClient
+from bridge.migrations import open_database
+from bridge.pause import PauseSwitch
+from bridge.postbacks import expected_hash, handle
+from bridge.pricing import decide_price
+from bridge.products import apply_mapping, load_mapping
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY, G2A_API_SECRET
+from bridge.sync import REQUESTS_PER_WRITE, SyncEngine
+from bridge.upstream import RequestBudget
 
 PROFIT, FEE = Decimal("0.50"), Decimal("0.15")
 DIRTY_TICK = 0.5  # the worker's dirty-pass cadence
@@ -55,9 +52,8 @@ def catalogue(size):
 
 # ---- the simulator process ---------------------------------------------------------------
 
-def simulator_process(conn, size, stale):
+def seed(sim, size, stale):
     """Serve both fakes; a `stale` share of offers starts inactive (first-pass writes), the rest already right."""
-    sim = Simulator().start()
     sim.cws.page_size, sim.g2a.job_polls = PAGE_SIZE, 0
     offers = {}
     for i, (cws_id, g2a_id, cost, quantity) in enumerate(catalogue(size)):
@@ -66,49 +62,20 @@ def simulator_process(conn, size, stale):
             offers[g2a_id] = sim.g2a.add_offer(g2a_id, "9.99", 0, active=False)
         else:
             offers[g2a_id] = sim.g2a.add_offer(g2a_id, decide_price(cost, PROFIT, FEE).price, quantity, active=True)
-    conn.send((sim.cws_url, sim.g2a_url))
-    commands = {
+    return {
         "set_quantity": sim.cws.set_quantity,
         "patch_count": lambda: len(sim.g2a.patches),
         "patch_time": lambda offer_id, since: next(
             (p["at"] for p in sim.g2a.patches[since:] if p["offer_id"] == offer_id), None),
         "offer_id": offers.get,
     }
-    while True:
-        name, args = conn.recv()
-        if name == "stop":
-            sim.stop()
-            conn.send(None)
-            return
-        conn.send(commands[name](*args))
-
-
-class Remote:
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __getattr__(self, name):
-        def call(*args):
-            self.conn.send((name, args))
-            return self.conn.recv()
-        return call
 
 
 # ---- one size, in this process -----------------------------------------------------------
 
 def run(size, stale):
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=simulator_process, args=(child, size, stale), daemon=True)
-    process.start()
-    cws_url, g2a_url = parent.recv()
-    remote = Remote(parent)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return measure(size, stale, remote, cws_url, g2a_url, Path(tmp))
-    finally:
-        remote.stop()
-        process.join(10)
+    with harness.RemoteSimulator(seed, size, stale) as remote, tempfile.TemporaryDirectory() as tmp:
+        return measure(size, stale, remote, remote.cws_url, remote.g2a_url, Path(tmp))
 
 
 def measure(size, stale, remote, cws_url, g2a_url, tmp):
