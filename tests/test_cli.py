@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -301,6 +302,33 @@ def test_demo_plays_a_sale_and_exits_0_within_60_seconds():
     assert result.returncode == 0, result
     assert "every step worked" in result.stdout
     assert int(re.search(r"demo finished in (\d+) s", result.stdout)[1]) < 60
+
+
+def test_demo_serve_prints_curl_lines_that_order_a_key_and_read_the_inventory():
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    demo = subprocess.Popen([sys.executable, "-m", "bridge", "demo", "--serve"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    watchdog = threading.Timer(150, demo.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in demo.stdout:
+            if line.startswith("Try") or lines:
+                lines.append(line)
+            if line.startswith("(each new order"):
+                break
+        commands = [line.strip() for line in lines if line.startswith("  ")]
+        assert any("/order " in command for command in commands) and any("/inventory" in c for c in commands)
+        script = "".join(f"{command}\necho\n" for command in commands[:4])  # each answer on a line of its own
+        tried = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0, tried.stderr
+        order_answer, inventory_answer = [line for line in tried.stdout.splitlines() if line]
+        key = json.loads(order_answer)["stock"][0]["inventory"][0]["value"]
+        assert key.startswith("SIM-") and json.loads(inventory_answer)[0]["inventory"][0]["value"] == key
+    finally:
+        watchdog.cancel()
+        demo.send_signal(signal.SIGINT)
+        demo.wait(30)
 
 
 def _answers(url):
