@@ -143,6 +143,7 @@ check_runnable_by() {
         /root/* | /home/* | /run/user/*)
             die "$real is under a home folder, which the services cannot see (ProtectHome=yes); install Python 3.11+ system-wide (apt-get install python3 python3-venv) or re-run with PYTHON=/usr/bin/python3.X" ;;
     esac
+    command -v runuser >/dev/null || return 0
     runuser -u "$user" -- "$real" -c 'import encodings' >/dev/null 2>&1 ||
         die "the service user $user cannot run $real (check the permissions of its folders), or re-run with PYTHON=/usr/bin/python3.X"
 }
