@@ -7,7 +7,7 @@ import threading
 
 from peewee import PeeweeException
 
-from . import db, demo, doctor, pause, sim, status, web, worker
+from . import db, demo, doctor, pause, report, sim, status, web, worker
 from . import log as logsetup
 from .config import load_settings
 from .cws import CwsClient
@@ -154,6 +154,17 @@ def _cmd_doctor(args):
     return 0
 
 
+def _cmd_report(args):
+    settings = start(args, require_credentials=False)
+    now = db.utcnow()
+    sales = report.build(settings, report.parse_since(args.since, now), now, by=args.by)
+    if args.json:
+        print(json.dumps(report.as_json(sales), indent=2))
+    else:
+        print(report.as_csv(sales) if args.csv else report.as_text(sales), end="" if args.csv else "\n")
+    return 0
+
+
 def _cmd_credentials(args):
     print(f"OUR_API_CLIENT_ID={secrets.token_hex(16)}")
     print(f"OUR_API_CLIENT_SECRET={secrets.token_urlsafe(32)}")
@@ -172,6 +183,23 @@ def _demo_options(command):
 
 def _status_options(command):
     command.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _report_options(command):
+    command.add_argument("--since", type=_since, default="7d",
+                         help="24h, 7d, 30d (any count of h or d) or a date YYYY-MM-DD (default 7d)")
+    command.add_argument("--by", choices=("product", "day"), default="product", help="one row per product or day")
+    output = command.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the report as JSON")
+    output.add_argument("--csv", action="store_true", help="print the rows and the total as CSV")
+
+
+def _since(text):
+    try:
+        report.parse_since(text, db.utcnow())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--since ")) from None
+    return text
 
 
 def _sync_options(command):
@@ -223,6 +251,9 @@ COMMANDS = {
               "g2a-bridge retry 3f6c1c52-7a3e-4c55-9b0e-1d2f3a4b5c6d"),
     "doctor": (_cmd_doctor, None, "check config, database, products.json, keys, CWS and G2A "
                "(exit 1 when a check fails, 2 on bad config)", "g2a-bridge doctor"),
+    "report": (_cmd_report, _report_options, "sales and money: orders, keys, revenue, G2A fee, CWS cost, profit, "
+               "returns, failed and stuck orders, best and worst products (read-only)",
+               "g2a-bridge report --since 30d --by day"),
     "credentials": (_cmd_credentials, None, "print a new random client id/secret pair for G2A",
                     "g2a-bridge credentials"),
 }

@@ -149,7 +149,7 @@ class Order(BaseModel):
     state = CharField(index=True, max_length=16)
     cws_client_order_id = CharField(unique=True, max_length=64)
     cws_order_id = CharField(null=True, unique=True, max_length=64)
-    created_at = UtcDateTimeField(default=utcnow)
+    created_at = UtcDateTimeField(default=utcnow, index=True)  # the report reads orders by period
     updated_at = UtcDateTimeField(default=utcnow)
     placed_at = UtcDateTimeField(null=True)
     completed_at = UtcDateTimeField(null=True)

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Count
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from . import db, keys, status
+from . import db, keys, report, status
 from .log import event
 from .reservations import ACTIVE
 
@@ -163,7 +163,22 @@ def database_families(settings, now):
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
         _alerts(),
+        *money_families(settings),
     ]
+
+
+def money_families(settings):
+    """All-time sales money, as `g2a-bridge report` computes it. Gauges, not counters: a returned key lowers the
+    revenue and the profit, and a counter must never go down (dashboards take delta() over them)."""
+    total = report.all_time(settings)
+    currency = settings.currency
+    families = [_gauge(name, f"{what} in {currency} since the first order (net of returned keys)", value)
+                for name, what, value in (("revenue", "Sales revenue at the sale price", total.revenue),
+                                          ("g2a_fee", "G2A's fee on the revenue", total.fee),
+                                          ("cws_cost", "What CWS charged for the keys bought", total.cost),
+                                          ("profit", "Revenue less G2A's fee and the CWS cost", total.profit))]
+    pooled = db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count()
+    return families + [_gauge("pooled_keys", "Returned keys waiting in the pool for the next order", pooled)]
 
 
 def active_reservations(now):

@@ -11,7 +11,7 @@ LAYERS = {
     1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
-        "refresh", "doctor", "status", "metrics"},
+        "refresh", "doctor", "status", "metrics", "report"},
     3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
 }
 SIMULATOR = "sim"  # the package bridge/sim/: a side module, imported only by entry points
