@@ -419,18 +419,20 @@ def live_config(install, sim, tmp_path):
 
 
 def start_process(argv, cwd, env, log_path, shell=False):
+    """In a session of its own, so that stopping it also stops a command a shell runs (the printed lines)."""
     log = open(log_path, "wb")
-    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, shell=shell)
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, shell=shell,
+                               start_new_session=True)
     log.close()
     return process
 
 
 def stop_process(process):
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(15)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
