@@ -491,6 +491,13 @@ def test_the_install_prints_the_two_foreground_commands_and_they_run_as_the_unit
         stop_process(web)
 
 
+def test_the_readme_shows_the_foreground_commands_a_root_install_prints(install):
+    printed = [command.replace(str(install.prefix), "").replace(" env ", " runuser -u g2a-bridge -- env ", 1)
+               for command in foreground_commands(install.runs["first"].stdout)]
+    readme = (REPO / "README.md").read_text().split("### Without systemd")[1].split("```sh\n")[1].split("```")[0]
+    assert readme.splitlines() == printed
+
+
 def test_the_wrapper_gives_help_without_reading_the_config_or_entering_the_data_folder(install):
     hidden = [(install.env_file, install.env_file.with_name("hidden.env")), (install.data, install.data.with_name("x"))]
     for path, away in hidden:
