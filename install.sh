@@ -369,17 +369,19 @@ fi
 export ENV_FILE
 # Like the units' UMask=0077: a database a command creates is private too.
 umask 077
-cd "$DATA_DIR" || exit 2
+# Never start Python in the data folder: the service user can write it, and this may run as root. With
+# -P (safe path) and / as the working directory, Python imports only from the venv and the code.
+cd / || exit 2
 OWNER='$wrapper_owner'
 if [ -n "\$OWNER" ] && [ "\$(id -u)" = 0 ]; then
     # Run as root (only root reads the env file), then hand back to the services anything this
     # command created in the data folder (a -wal or -shm file owned by root would lock them out).
     rc=0
-    "$VENV/bin/python" -m bridge "\$@" || rc=\$?
+    "$VENV/bin/python" -P -m bridge "\$@" || rc=\$?
     chown -R "\$OWNER:\$OWNER" "$DATA_DIR"
     exit "\$rc"
 fi
-exec "$VENV/bin/python" -m bridge "\$@"
+exec "$VENV/bin/python" -P -m bridge "\$@"
 EOF
     chmod 0755 "$WRAPPER"
     say "wrapper: $WRAPPER"

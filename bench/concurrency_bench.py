@@ -171,9 +171,10 @@ class Buyer:
             self.call("GET", f"/order/{body['order_id']}/inventory", "GET /order/{id}/inventory")
 
 
-def load(port, token, products, args):
+def load(ports, token, products, args):
+    """args.clients buyers for args.seconds, spread over the web processes at `ports`."""
     ledger, deadline = Ledger(), time.monotonic() + args.seconds
-    buyers = [Buyer(port, token, ledger, products, seed) for seed in range(args.clients)]
+    buyers = [Buyer(ports[seed % len(ports)], token, ledger, products, seed) for seed in range(args.clients)]
     threads = [threading.Thread(target=buyer.run, args=(deadline,)) for buyer in buyers]
     started = time.monotonic()
     for thread in threads:
@@ -279,7 +280,7 @@ def measure(products, sim, folder, args):
         pids = {"web": procs["web"].pid, "worker": procs["worker"].pid, "simulator": sim.process.pid,
                 "clients": os.getpid()}
         cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        ledger, elapsed = load(port, token, products, args)
+        ledger, elapsed = load([port], token, products, args)
         cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
         logs = (folder / "web.log").read_text() + (folder / "worker.log").read_text()
         passes = full_passes((folder / "worker.log").read_text())[before:]

@@ -109,9 +109,12 @@ def start(command, env, folder, log_name=None):
                             stderr=subprocess.STDOUT)
 
 
-def start_bare(port, database):
-    """bench/bare_app.py (Bottle + Waitress + one SQLite insert per request), the yardstick, ready to serve."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_app.py")), str(port), str(database)])
+def start_bare(port, database, insert="sqlite3"):
+    """bench/bare_app.py (Bottle + Waitress + one SQLite insert per request through `insert`: "sqlite3" or
+    "peewee"), the yardstick, ready to serve."""
+    log = open(Path(database).with_suffix(".log"), "ab")  # Waitress's "Task queue depth" warnings go there
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_app.py")), str(port), str(database),
+                             insert], stdout=log, stderr=subprocess.STDOUT)
     wait_ready(f"http://127.0.0.1:{port}", proc)
     return proc
 

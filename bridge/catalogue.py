@@ -19,8 +19,9 @@ CATALOGUE_THRESHOLD = 250
 SINGLE_GETS = 3
 BATCH_SIZE = 50
 CHUNK = 500  # ids per IN (...) clause
-RECORD_EVERY = 1000  # CWS products per write transaction
-UPSERT_ROWS = 100  # rows per INSERT ... ON CONFLICT statement (7 bound values each)
+RECORD_EVERY = 1000  # CWS products compared and stored at a time
+UPSERT_ROWS = 100  # rows per INSERT ... ON CONFLICT statement (7 bound values each), one transaction each
+WRITE_ROWS = 100  # per-row updates per write transaction
 
 
 class Catalogue:
@@ -99,11 +100,12 @@ class Catalogue:
             return
         rows = list(db.Product.select(db.Product.g2a_id, db.Product.offer_id, db.Product.offer_price,
                                       db.Product.offer_stock, db.Product.offer_active).tuples().iterator())
-        with db.write_transaction():
-            for g2a_id, *stored in rows:
-                offer = offers.get(g2a_id)
-                # An offer absent from the listing keeps its id: only a 404 on a write proves it gone.
-                if offer is not None and [offer.id, offer.price, offer.stock, offer.active] != stored:
+        # An offer absent from the listing keeps its id: only a 404 on a write proves it gone.
+        changed = [(g2a_id, offer) for g2a_id, *stored in rows if (offer := offers.get(g2a_id)) is not None
+                   and [offer.id, offer.price, offer.stock, offer.active] != stored]
+        for start in range(0, len(changed), WRITE_ROWS):
+            with db.write_transaction():  # short ones: the web's reservations wait for each
+                for g2a_id, offer in changed[start:start + WRITE_ROWS]:
                     db.Product.update(offer_id=offer.id, offer_price=offer.price, offer_stock=offer.stock,
                                       offer_active=offer.active, missing_offer_warned=False).where(
                         db.Product.g2a_id == g2a_id).execute()
@@ -154,8 +156,8 @@ class Catalogue:
 def _clear_dirty(dirty):
     """Clear the marks read as {id: dirty_since}; a postback that came in since keeps its product dirty."""
     ids, newest = list(dirty), max(dirty.values())
-    with db.write_transaction():
-        for start in range(0, len(ids), CHUNK):
+    for start in range(0, len(ids), CHUNK):
+        with db.write_transaction():
             db.CwsProduct.update(dirty_since=None).where(
                 db.CwsProduct.id.in_(ids[start:start + CHUNK]), db.CwsProduct.dirty_since <= newest).execute()
 
@@ -212,12 +214,13 @@ def _record(infos, current, now):
     if not infos:
         return
     changed.sort(key=lambda row: row["id"])  # lock rows in id order, as reservations do: no deadlock on PostgreSQL
-    with db.write_transaction():
-        for start in range(0, len(changed), UPSERT_ROWS):
-            # Rows exist already (products.py creates them); the upsert just updates many per statement.
+    for start in range(0, len(changed), UPSERT_ROWS):
+        # One short transaction per statement: the web's reservations wait for each. Rows exist already
+        # (products.py creates them); the upsert just updates many per statement.
+        with db.write_transaction():
             db.CwsProduct.insert_many(changed[start:start + UPSERT_ROWS]).on_conflict(
                 conflict_target=[db.CwsProduct.id], preserve=_COLUMNS[1:], where=_older(now)).execute()
-        _touch(unchanged, now)
+    _touch(unchanged, now)
 
 
 _COLUMNS = ["id", "name", "quantity", "cost", "prices", "listed", "fetched_at"]
@@ -226,8 +229,8 @@ _COLUMNS = ["id", "name", "quantity", "cost", "prices", "listed", "fetched_at"]
 def _unlist(ids, now):
     """CWS no longer lists these: no stock from them (the offers are deactivated by the plan)."""
     ids = sorted(ids)
-    with db.write_transaction():
-        for start in range(0, len(ids), CHUNK):
+    for start in range(0, len(ids), CHUNK):
+        with db.write_transaction():
             db.CwsProduct.update(quantity=0, listed=False, fetched_at=now).where(
                 db.CwsProduct.id.in_(ids[start:start + CHUNK]), _older(now)).execute()
 

@@ -9,6 +9,7 @@ from peewee import PeeweeException
 
 from . import db, demo, doctor, pause, report, sim, status, web, worker
 from . import log as logsetup
+from .budget import budgets_for
 from .config import load_settings
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError
@@ -40,7 +41,7 @@ def setup_logging(settings, args):
 
 
 def fulfilment_for(settings):
-    return worker.fulfilment_for(settings, CwsClient(settings))
+    return worker.fulfilment_for(settings, CwsClient(settings, budgets=budgets_for(settings, "cli")))
 
 
 def _cmd_web(args):
@@ -87,7 +88,8 @@ def _cmd_resume(args):
 def _cmd_sync(args):
     settings = start(args)
     MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee).poll()
-    engine = SyncEngine(settings, *worker.upstream_clients(settings), pause.PauseSwitch(settings.service_enabled))
+    clients = worker.upstream_clients(settings, role="cli")
+    engine = SyncEngine(settings, *clients, pause.PauseSwitch(settings.service_enabled))
     report = engine.full_pass(db.utcnow(), dry_run=args.dry_run)
     for change in report.changes:
         print(change)
@@ -227,7 +229,7 @@ def _order_options(command):
 
 
 def _retry_options(command):
-    command.add_argument("order_id", metavar="ORDER_ID", help="the FAILED order to drive again")
+    command.add_argument("order_id", metavar="ORDER_ID", help="the FAILED or stuck order to drive again")
 
 
 # name: (function, options, summary, example)
@@ -247,7 +249,7 @@ COMMANDS = {
     "orders": (_cmd_orders, _orders_options, "list orders, newest first", "g2a-bridge orders --state failed"),
     "order": (_cmd_order, _order_options, "show one order and its keys (masked unless --reveal)",
               "g2a-bridge order 80201000000001"),
-    "retry": (_cmd_retry, _retry_options, "drive a FAILED order again (never buys twice)",
+    "retry": (_cmd_retry, _retry_options, "drive a FAILED or stuck order again (never buys twice)",
               "g2a-bridge retry 3f6c1c52-7a3e-4c55-9b0e-1d2f3a4b5c6d"),
     "doctor": (_cmd_doctor, None, "check config, database, products.json, keys, CWS and G2A "
                "(exit 1 when a check fails, 2 on bad config)", "g2a-bridge doctor"),

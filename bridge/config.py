@@ -6,12 +6,15 @@ fixes the whole file in one go; secrets never appear in a repr.
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from .errors import ConfigError
 
@@ -21,6 +24,8 @@ ALIASES = {"G2A_API_SECRET": "G2A_API_HASH", "G2A_API_BASE_URL": "G2A_API_URL"}
 G2A_BASE_URLS = {"live": "https://api.g2a.com", "sandbox": "https://sandboxapi.g2a.com"}
 CWS_HOSTS = ("codeswholesale.com",)
 G2A_HOSTS = ("g2a.com",)
+_URL_ODDITY = re.compile(r"[^\x21-\x7e]|[\\@]")  # outside printable ASCII (spaces too), a backslash, userinfo
+_HOST = re.compile(r"[a-z0-9.-]+|[0-9a-f:.]+")  # a DNS name or an IP address, nothing percent-encoded
 
 
 def secret(default=""):
@@ -221,7 +226,7 @@ class _Reader:
             stock_max_age=self.number("STOCK_MAX_AGE_SECONDS", 5, float, minimum=0),
             default_fixed_profit=self.number("DEFAULT_FIXED_PROFIT", "0.50", Decimal, minimum=0),
             default_fee=self.number("DEFAULT_G2A_FEE_PERCENTAGE", "0.15", Decimal, minimum=0, below=1),
-            currency=self.raw("CWS_TARGET_CURRENCY", "EUR").upper(),
+            currency=self.currency(),
             reservation_ttl=self.number("RESERVATION_TTL_MINUTES", 30, float, minimum=0.001) * 60,
             order_inline_wait=self.number("ORDER_INLINE_WAIT_SECONDS", 5, float, minimum=0),
             cws_poll_max=self.number("CWS_POLL_MAX_SECONDS", 420, float, minimum=1),
@@ -230,6 +235,17 @@ class _Reader:
             log_level=self.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
             log_format=self.choice("LOG_FORMAT", "text", ("text", "json")),
         )
+
+    def currency(self):
+        # CWS prices carry no currency (cws.md 7.11) and G2A prices offers in EUR: another value could only
+        # relabel EUR figures, and an account billed in another currency would sell every key at the wrong price.
+        value = self.raw("CWS_TARGET_CURRENCY", "EUR").upper()
+        if value != "EUR":
+            self.problem("CWS_TARGET_CURRENCY", f"only EUR is supported, got {value!r}: CWS prices carry no currency "
+                                                "and G2A offers are priced in EUR, so the bridge cannot convert; "
+                                                "use a CWS account billed in EUR")
+            return "EUR"
+        return value
 
     def database_url(self):
         value = self.raw("DATABASE_URL", "sqlite:///data/bridge.db")
@@ -249,11 +265,21 @@ def is_loopback(host):
 
 
 def outbound_url_problem(url, hosts):
-    """Why an outbound base URL is unsafe (None when fine): HTTPS on an expected host, HTTP only on loopback."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if not host:
+    """Why an outbound base URL is unsafe (None when fine): HTTPS on an expected host, HTTP only on loopback.
+
+    The host is read the way urllib3 (and so requests) will connect, and must be what urlsplit reads too: a URL the
+    two could read differently (`https://evil.example\\@api.codeswholesale.com`) is refused, as is anything but
+    plain printable ASCII, a backslash, or a user@ part."""
+    if _URL_ODDITY.search(url):
+        return f"must be a plain URL (no spaces, control or non-ASCII characters, backslashes or user@), got {url!r}"
+    try:
+        parts = parse_url(url)
+        host = (parts.host or "").strip("[]").lower()
+        same = host == (urlsplit(url).hostname or "")
+    except (LocationParseError, ValueError):
         return f"is not a URL: {url!r}"
+    if not host or not same or not _HOST.fullmatch(host):
+        return f"is not a URL with a plain host name: {url!r}"
     if parts.scheme == "http" and is_loopback(host):
         return None
     if parts.scheme != "https":

@@ -9,7 +9,7 @@ from .errors import ContractError
 INT64_MAX = 2**63 - 1
 MAX_LINES = 100
 MAX_QUANTITY = 1000
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # always fullmatch: `$` also matches before a final \n
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,14 @@ def parse_order(raw):
     if not isinstance(data, dict):
         raise bad("the body must be an object with reservation_id and g2a_order_id")
     reservation_id = data.get("reservation_id")
-    if not isinstance(reservation_id, str) or not ID_PATTERN.match(reservation_id):
+    if not isinstance(reservation_id, str) or not ID_PATTERN.fullmatch(reservation_id):
         raise bad("reservation_id must be a string of at most 64 characters")
     return reservation_id, parse_int64(data.get("g2a_order_id"), "g2a_order_id")
 
 
 def check_id(value, what):
     """A path id we issued (or G2A's numeric id); anything else is simply not found."""
-    if not ID_PATTERN.match(value or ""):
+    if not ID_PATTERN.fullmatch(value or ""):
         raise ContractError(404, "BR02", f"{what} not found")
     return value
 

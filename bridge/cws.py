@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from urllib.parse import quote
 
+from .budget import UNMETERED
 from .config import CWS_HOSTS
 from .errors import OutcomeUnknown, UpstreamError
 from .log import event
@@ -23,6 +24,7 @@ PREORDER_TYPES = ("CODE_PREORDER", "PRE_ORDER")
 KNOWN_STATUSES = ("completed", "fulfilling")
 FAILED_WORDS = ("cancel", "fail", "reject")
 CENT = Decimal("0.01")
+MAX_HISTORY_PAGES = 100
 
 
 @dataclass(frozen=True)
@@ -106,17 +108,25 @@ class CwsAccount:
 
 
 class CwsClient:
-    """The CWS v3 API as plain values; one token and one connection pool per client object."""
+    """The CWS v3 API as plain values; one token and one connection pool per client object. `budgets` (budget.py)
+    meter each endpoint class; the purchase and its polling are counted but never held back."""
 
-    def __init__(self, settings, sleep=time.sleep, observer=None, clock=time.monotonic):
+    def __init__(self, settings, budgets=None, sleep=time.sleep, observer=None, clock=time.monotonic):
         self._token = TokenCache(lambda: fetch_client_token(
-            self._upstream, "/oauth/token", settings.cws_client_id, settings.cws_client_secret), clock=clock)
+            self._upstream, "/oauth/token", settings.cws_client_id, settings.cws_client_secret, "cws_token"),
+            clock=clock)
         self._upstream = Upstream("cws", settings.cws_base_url, settings.cws_timeout, settings.cws_retry_max,
-                                  token=self._token, allowed_hosts=CWS_HOSTS, sleep=sleep, observer=observer)
+                                  token=self._token, allowed_hosts=CWS_HOSTS, budgets=budgets, sleep=sleep,
+                                  observer=observer)
 
     @property
     def token_age(self):
         return self._token.age_seconds
+
+    @property
+    def budgets(self):
+        """The request budgets this client spends (None: unmetered)."""
+        return self._upstream.budgets
 
     def products(self, product_ids=None, batch_size=50):
         """Products by id (batched through productIds), or the whole catalogue when product_ids is None."""
@@ -130,7 +140,7 @@ class CwsClient:
     def _product_pages(self, params):
         seen, token = set(), None
         while True:
-            page = self._upstream.request("GET", "/v3/products",
+            page = self._upstream.request("GET", "/v3/products", budget="cws_list",
                                           params={**params, "continuationToken": token} if token else params)
             for item in _list(_object(page, "products page"), "items", "products page", default=[]):
                 yield _product(item)
@@ -141,28 +151,32 @@ class CwsClient:
                 raise UpstreamError("cws", "products paging repeated a continuationToken; list incomplete")
             seen.add(token)
 
-    def product(self, product_id):
-        """One product, or None when CWS does not list it (404, usually code 20001)."""
+    def product(self, product_id, wait=True):
+        """One product, or None when CWS does not list it (404, usually code 20001). wait=False: BudgetSpent when
+        the single-product budget has no slot free now."""
         try:
-            body = self._get(f"/v3/products/{_segment(product_id)}", "/v3/products/{id}")
+            body = self._get(f"/v3/products/{_segment(product_id)}", "/v3/products/{id}", "cws_product", wait)
         except UpstreamError as err:
             if err.status == 404:
                 return None
             raise
         return _product(body)
 
-    def place_order(self, client_order_id, lines, allow_preorder):
-        """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead)."""
+    def place_order(self, client_order_id, lines, allow_preorder, before_send=None):
+        """Buy `lines` [(product_id, quantity, max_unit_price or None)]; never retried (OutcomeUnknown instead).
+
+        `before_send()` runs before each POST goes out (the first, and the one re-send after a 401)."""
         body = {"allowPreOrder": bool(allow_preorder), "orderId": client_order_id,
                 "products": [_order_line(*line) for line in lines]}
-        answer = self._upstream.request("POST", "/v3/orders", json_body=body, idempotent=False)
+        answer = self._upstream.request("POST", "/v3/orders", budget=UNMETERED, json_body=body, idempotent=False,
+                                        before_send=before_send)
         try:
             return _order(answer)
         except UpstreamError as err:  # CWS accepted something we cannot read: recover by client order id
             raise OutcomeUnknown("cws", f"order {client_order_id} accepted but unreadable: {err}") from err
 
     def order(self, cws_order_id):
-        return _order(self._get(f"/v3/orders/{_segment(cws_order_id)}", "/v3/orders/{id}"))
+        return _order(self._get(f"/v3/orders/{_segment(cws_order_id)}", "/v3/orders/{id}", UNMETERED))
 
     def find_orders(self, client_order_id, around):
         """Orders carrying our client order id, from the history around `around` (an aware datetime).
@@ -171,24 +185,54 @@ class CwsClient:
         day = around.astimezone(datetime.timezone.utc).date()
         one_day = datetime.timedelta(days=1)
         params = {"startFrom": (day - one_day).isoformat(), "endOn": (day + one_day).isoformat()}
-        body = self._upstream.request("GET", "/v3/orders", params=params)
-        items = body if isinstance(body, list) else _list(body, "items", "order history", default=[])
         # Filter before parsing, so one odd unrelated item cannot block crash recovery.
-        return [_order(item) for item in items
+        return [_order(item) for item in self._history(params)
                 if isinstance(item, dict) and item.get("clientOrderId") == client_order_id]
 
+    def _history(self, params):
+        """Every history item, page after page: an order on page 2 that we missed would be bought again.
+
+        cws.md 7.5 leaves paging unknown, so both usual shapes are followed: `continuationToken` (as the
+        catalogue pages) and a page number (`page` with `totalPages`, or `last`). Anything that cannot be paged
+        to the end is an error, never a short list (recovery would then buy again)."""
+        seen, extra = set(), {}
+        for _ in range(MAX_HISTORY_PAGES):
+            body = self._upstream.request("GET", "/v3/orders", budget="cws_other", params={**params, **extra})
+            if isinstance(body, list):
+                yield from body
+                return
+            yield from _list(body, "items", "order history", default=[])
+            extra = _next_history_page(body)
+            if extra is None:
+                return
+            if repr(extra) in seen:
+                raise UpstreamError("cws", "order history paging repeated itself; history incomplete")
+            seen.add(repr(extra))
+        raise UpstreamError("cws", f"order history has more than {MAX_HISTORY_PAGES} pages; history incomplete")
+
     def code(self, code_id):
-        return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}"), f"code {code_id}")
+        return _code(self._get(f"/v3/codes/{_segment(code_id)}", "/v3/codes/{id}", UNMETERED), f"code {code_id}")
 
     def account(self):
-        body = self._get("/v3/accounts/current", "/v3/accounts/current")
+        body = self._get("/v3/accounts/current", "/v3/accounts/current", "cws_other")
         balance = _money(body, "currentBalance", "account")
         credit = _money(body, "currentCredit", "account", optional=True) or Decimal("0")
         total = _money(body, "totalToUse", "account", optional=True)
         return CwsAccount(balance, credit, balance + credit if total is None else total)
 
-    def _get(self, path, endpoint):
-        return self._upstream.request("GET", path, endpoint=endpoint)
+    def _get(self, path, endpoint, budget, wait=True):
+        return self._upstream.request("GET", path, budget=budget, wait=wait, endpoint=endpoint)
+
+
+def _next_history_page(body):
+    """The parameters of the next history page, or None after the last one."""
+    token = body.get("continuationToken")
+    if token:
+        return {"continuationToken": token}
+    page, pages = body.get("page", body.get("number")), body.get("totalPages")
+    if isinstance(page, int) and (isinstance(pages, int) and page + 1 < pages or body.get("last") is False):
+        return {"page": page + 1}
+    return None
 
 
 def _order_line(product_id, quantity, max_unit_price):

@@ -6,7 +6,7 @@ reservation, one order per G2A order id, one CWS client order id, one item per C
 import contextlib
 import datetime
 import json
-import threading
+import os
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -16,6 +16,7 @@ from peewee import (BigIntegerField, BooleanField, CharField, DatabaseProxy, Dat
                     TextField)
 
 from .errors import ConfigError
+from .writelock import WriterLock
 
 database = DatabaseProxy()
 
@@ -134,6 +135,7 @@ class ReservationLine(BaseModel):
     cws_product_id = CharField(max_length=64)
     quantity = IntegerField()
     unit_price = MoneyField(null=True)  # what the buyer pays per unit (G2A's additional_data.unit_price)
+    offer_price = MoneyField(null=True)  # our G2A offer price when reserved: the sale price when G2A sends none
     active = BooleanField(default=True)
     expires_at = UtcDateTimeField()
 
@@ -172,6 +174,7 @@ class OrderItem(BaseModel):
     kind = CharField(default="text", max_length=8)  # text / file / account
     state = CharField(default="pending", index=True, max_length=16)  # pending / delivered / returned
     cws_code_id = CharField(null=True, unique=True, max_length=64)
+    preorder_code_id = CharField(null=True, index=True, max_length=64)  # CWS's placeholder, for PREORDER postbacks
     secret = TextField(null=True)  # encrypted: the key, the file bytes or the account JSON
     file_name = CharField(null=True)
     mime_type = CharField(null=True, max_length=64)
@@ -194,9 +197,10 @@ class PooledKey(BaseModel):
 
 
 class ApiToken(BaseModel):
-    """An access token we issued to G2A, stored as its SHA-256 only."""
+    """An access token we issued, stored as its SHA-256 only, with the pair it was issued to."""
     token_hash = CharField(primary_key=True, max_length=64)
     client_id = CharField(max_length=128)
+    scope = CharField(max_length=16, default="contract")  # auth.CONTRACT or auth.METRICS
     created_at = UtcDateTimeField(default=utcnow)
     expires_at = UtcDateTimeField(index=True)
 
@@ -275,33 +279,78 @@ def _sqlite(path):
     # sqlite:///relative.db -> "/relative.db" after the scheme; sqlite:////abs.db -> "//abs.db".
     path = path[1:] if path.startswith("/") else path
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(path))
     # synchronous=FULL: a committed purchase claim must survive a power cut, not just a crash.
     # cached_statements: each thread has its own connection, and each IN (...) length is a statement of its own;
     # Python's default of 128 prepared statements per connection grew the worker by ~10 MB in a soak.
-    return SqliteDatabase(path, timeout=8, check_same_thread=False, cached_statements=STATEMENT_CACHE, pragmas={
+    return _Sqlite(path, timeout=8, check_same_thread=False, cached_statements=STATEMENT_CACHE, pragmas={
         "journal_mode": "wal", "busy_timeout": 8000, "foreign_keys": 1, "synchronous": "full"})
+
+
+def _create_private(path):
+    """A new database file 0600 in a new folder 0700, whatever the umask (SQLite makes its -wal and -shm files with
+    the database file's mode); existing ones are left as the operator set them."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+class _Sqlite(SqliteDatabase):
+    """Every write queues on one WriterLock (threads and processes): write_transaction() holds it for the whole
+    transaction, a write statement outside any transaction (autocommit) for that statement. SQLite's busy handler
+    would make a writer waiting on another process sleep in growing steps instead (p99 ×10 in bench/)."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(path, **kwargs)
+        self.writer = WriterLock(None if path == ":memory:" else f"{path}-writer.lock")
+
+    def execute_sql(self, sql, params=None):
+        if self.in_transaction() or sql.lstrip()[:6].upper() in _READS:
+            return super().execute_sql(sql, params)
+        with self.writer:
+            return super().execute_sql(sql, params)
+
+
+_READS = ("SELECT", "PRAGMA")
 
 
 def is_sqlite(db=None):
     return isinstance(db or database.obj, SqliteDatabase)
 
 
-# SQLite has one writer at a time. Threads of one process queue on this mutex and hand over at once;
-# left to SQLite's busy handler they would sleep in steps of up to 100 ms (p99 in bench/).
-_sqlite_writer = threading.RLock()
-
-
 @contextlib.contextmanager
 def write_transaction(db=None):
-    """A transaction that takes the write lock up front (SQLite IMMEDIATE), so read-then-write can't race."""
+    """A transaction that holds the writer lock and SQLite's write lock (IMMEDIATE) from the start, so
+    read-then-write can't race; on SQLite every transaction must be one of these (a deferred one that
+    writes would meet another process's writer mid-way). PostgreSQL: a plain transaction, rows locked
+    with lock_rows()."""
     db = db or database.obj
     if not is_sqlite(db):
         with db.atomic():
             yield
         return
-    with _sqlite_writer, db.atomic("IMMEDIATE"):
+    with db.writer, db.atomic("IMMEDIATE"):
         yield
+
+
+# ---- hand-written statements for the hot paths (reservations, orders): peewee spent longer building a query than
+# SQLite spent running it. `{p}` marks a parameter, in either database's style.
+
+def sql(template):
+    return template.format(p=database.obj.param)
+
+
+def run_sql(template, *params):
+    """Run a hand-written statement; its cursor."""
+    return database.obj.execute_sql(sql(template), params)
+
+
+def raw_rows(model, template, *params):
+    """Model instances (fields converted as usual) from a hand-written SELECT of the model's columns."""
+    return list(model.raw(sql(template), *params))
 
 
 def lock_rows(model, ids):

@@ -1,16 +1,19 @@
-"""Operator checks for `g2a-bridge doctor`: config, database, products.json, data folder, secret key, CWS, G2A.
+"""Operator checks for `g2a-bridge doctor`: config, database, products.json, data folder, secret key, CWS, G2A,
+the request budgets, and the freshness to expect under them.
 
 Each check is a Result with what it found and, when it failed, what to do. Config comes first and alone:
 a config that does not load means no network call at all.
 """
+import math
 import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from peewee import PeeweeException
 
-from . import db
-from .crypto import KEY_FILE_NAME, load_key_box
+from . import db, status
+from .budget import budgets_for
+from .crypto import KEY_FILE_NAME, claim_database, load_key_box, stored_secret
 from .cws import CwsClient
 from .errors import BridgeError, ConfigError, UpstreamError
 from .g2a import G2aClient
@@ -19,6 +22,11 @@ from .products import load_mapping
 
 CONFIG_REMEDY = "fix it in bridge.env (or .env / ENV_FILE), then run g2a-bridge doctor again"
 LOCAL_ERRORS = (PeeweeException, OSError, BridgeError)
+PAGE_SIZE_KEY = "cws.page_size"  # the page size CWS last answered GET /v3/products with, when sync recorded it
+DEFAULT_PAGE_SIZE, BATCH_SIZE = 500, 50  # catalogue page; productIds per request
+SWEEP_WARNING = 300.0  # seconds: a mapped set that takes longer to sweep leaves silent stock-outs on G2A too long
+FRESHNESS_REMEDY = ("without a postback a stock-out may take that long to reach G2A: set the CWS postback URL, "
+                    "map fewer products, or raise CWS_LIST_REQUESTS_PER_10_MIN if CWS allows more")
 
 
 @dataclass(frozen=True)
@@ -27,10 +35,12 @@ class Result:
     ok: bool
     detail: str
     remedy: str = ""
+    warning: bool = False  # worth knowing, not a failure: doctor still exits 0
 
     def line(self):
-        text = f"{'ok  ' if self.ok else 'FAIL'} {self.name:<12} {self.detail}"
-        return f"{text}  -> {self.remedy}" if self.remedy and not self.ok else text
+        label = "FAIL" if not self.ok else "WARN" if self.warning else "ok  "
+        text = f"{label} {self.name:<12} {self.detail}"
+        return f"{text}  -> {self.remedy}" if self.remedy and (self.warning or not self.ok) else text
 
 
 def config_failures(error):
@@ -48,6 +58,8 @@ def checks(settings):
     yield check_secret_key(settings, database.ok)
     yield check_cws(settings)
     yield check_g2a(settings)
+    yield check_budgets(database.ok)
+    yield check_freshness(settings, database.ok)
 
 
 def check_config(settings):
@@ -90,12 +102,14 @@ def check_data_dir(settings):
 
 
 def check_secret_key(settings, database_ok):
-    """The key works, and (with a database) still opens the keys stored with it."""
+    """The key works, and (with a database) is the one it was set up with and still opens the keys stored with it."""
     folder = db.data_dir(settings.database_url)
     try:
         box = load_key_box(settings.bridge_secret_key, folder)
         box.decrypt(box.encrypt(b"doctor"))
-        stored = _one_stored_key() if database_ok else None
+        stored = stored_secret() if database_ok else None
+        if database_ok:
+            claim_database(box)
         if stored is not None:
             box.decrypt(stored)
     except LOCAL_ERRORS as err:
@@ -106,14 +120,9 @@ def check_secret_key(settings, database_ok):
     return Result("secret key", True, f"{source} {checked}; keep a backup of it")
 
 
-def _one_stored_key():
-    item = db.OrderItem.select(db.OrderItem.secret).where(db.OrderItem.secret.is_null(False)).first()
-    return None if item is None else item.secret
-
-
 def check_cws(settings):
     try:
-        account = CwsClient(settings).account()
+        account = CwsClient(settings, budgets=budgets_for(settings, "cli")).account()
     except UpstreamError as err:
         return Result("CWS", False, one_line(err),
                       upstream_remedy(err, "CWS_CLIENT_ID and CWS_CLIENT_SECRET", "CWS_API_BASE_URL"))
@@ -124,11 +133,55 @@ def check_cws(settings):
 
 def check_g2a(settings):
     try:
-        next(G2aClient(settings).offers(), None)
+        next(G2aClient(settings, budgets=budgets_for(settings, "cli")).offers(), None)
     except UpstreamError as err:
         return Result("G2A", False, one_line(err),
                       upstream_remedy(err, "G2A_API_KEY and G2A_API_SECRET", "G2A_API_BASE_URL / G2A_ENV"))
     return Result("G2A", True, "token ok, offers readable")
+
+
+def check_budgets(database_ok):
+    """The worker's request budgets as it last published them: use per class and 429s."""
+    if not database_ok:
+        return Result("budgets", True, "unknown: the database is unreachable")
+    try:
+        figures = status.worker_budgets()
+    except LOCAL_ERRORS as err:
+        return Result("budgets", True, f"unknown: {one_line(err)}")
+    return Result("budgets", True, f"worker: {status.budgets_text(figures)}")
+
+
+def check_freshness(settings, database_ok):
+    """How long one full sweep of the mapped set takes at the worker's GET /v3/products pace; a warning past 5 min."""
+    try:
+        mapped = sum(1 for m in load_mapping(settings.products_file, settings.default_fixed_profit,
+                                             settings.default_fee) if m.enabled)
+    except ConfigError:
+        return Result("freshness", True, "unknown until products.json loads")
+    page = _page_size() if database_ok else DEFAULT_PAGE_SIZE
+    pace = budgets_for(settings, "worker")["cws_list"].per_second
+    requests, seconds = sweep_cost(mapped, page, pace)
+    detail = (f"{mapped} mapped products: one sweep is {requests} GET /v3/products (productIds batches of "
+              f"{BATCH_SIZE} or catalogue pages of {page}) at {pace * 60:.1f}/min, the worker's share of "
+              f"CWS_LIST_REQUESTS_PER_10_MIN: about {status.age_text(seconds)} per sweep")
+    if seconds > SWEEP_WARNING:
+        return Result("freshness", True, detail, FRESHNESS_REMEDY, warning=True)
+    return Result("freshness", True, detail)
+
+
+def sweep_cost(mapped, page_size, per_second):
+    """(requests, seconds) to read `mapped` products once: the cheaper of productIds batches and catalogue pages
+    (at least one page per page_size products), at `per_second`."""
+    requests = min(math.ceil(mapped / BATCH_SIZE), math.ceil(mapped / page_size))
+    return requests, requests / per_second
+
+
+def _page_size():
+    try:
+        stored = db.get_setting(PAGE_SIZE_KEY)
+        return int(stored) if stored and int(stored) > 0 else DEFAULT_PAGE_SIZE
+    except (ValueError, *LOCAL_ERRORS):
+        return DEFAULT_PAGE_SIZE
 
 
 def upstream_remedy(err, credentials, url_names):

@@ -39,3 +39,8 @@ class OutcomeUnknown(UpstreamError):
 
     def __init__(self, service, message):
         super().__init__(service, message, retryable=False)
+
+
+class BudgetSpent(UpstreamError):
+    """Not sent: this process's request budget for the endpoint class has no slot free now (a caller that would
+    rather answer from its cache than wait)."""

@@ -12,6 +12,7 @@ from .upstream import TokenCache, Upstream, fetch_client_token
 
 log = logging.getLogger(__name__)
 
+BUDGET = "g2a"  # G2A meters every call of ours together
 OFFER_TYPE = "dropshipping"
 PAGE_SIZE = 100
 JOB_DONE = ("complete", "completed", "done")
@@ -32,20 +33,24 @@ class Offer:
 
 
 class G2aClient:
-    """One token and connection pool; `budget` is the process-wide RequestBudget shared by every G2A caller."""
+    """One token and connection pool; every call, the token included, spends the "g2a" class of `budgets`
+    (budget.py: the process's share of G2A_REQUESTS_PER_MINUTE)."""
 
-    def __init__(self, settings, budget=None, sleep=time.sleep, clock=time.monotonic,
+    def __init__(self, settings, budgets=None, sleep=time.sleep, clock=time.monotonic,
                  job_poll_interval=JOB_POLL_INTERVAL, observer=None):
         self._sleep, self._clock, self.job_poll_interval = sleep, clock, job_poll_interval
         self._token = TokenCache(lambda: fetch_client_token(
-            self._upstream, "/oauth/token", settings.g2a_api_key, settings.g2a_api_secret), clock=clock)
+            self._upstream, "/oauth/token", settings.g2a_api_key, settings.g2a_api_secret, BUDGET), clock=clock)
         self._upstream = Upstream("g2a", settings.g2a_base_url, settings.g2a_timeout, settings.g2a_retry_max,
-                                  token=self._token, allowed_hosts=G2A_HOSTS, budget=budget,
+                                  token=self._token, allowed_hosts=G2A_HOSTS, budgets=budgets,
                                   retryable=_queue_full, sleep=sleep, observer=observer)
 
     @property
     def token_age(self):
         return self._token.age_seconds
+
+    def _request(self, method, path, **options):
+        return self._upstream.request(method, path, budget=BUDGET, **options)
 
     def offers(self):
         """Every offer of ours, page by page; an entry we cannot read is logged and skipped.
@@ -54,7 +59,7 @@ class G2aClient:
         for; an empty page ends the listing whatever the total claims."""
         page = 1
         while True:
-            body = self._upstream.request("GET", "/v3/sales/offers",
+            body = self._request("GET", "/v3/sales/offers",
                                           params={"page": page, "itemsPerPage": PAGE_SIZE})
             items, total, served = _page(body)
             for item in items:
@@ -75,7 +80,7 @@ class G2aClient:
         if active is not None:
             variant["active"] = bool(active)
         # Absolute values, so sending the same change twice is harmless: retries are safe.
-        body = self._upstream.request("PATCH", f"/v3/sales/offers/{_segment(offer_id)}",
+        body = self._request("PATCH", f"/v3/sales/offers/{_segment(offer_id)}",
                                       json_body={"offerType": OFFER_TYPE, "variant": variant},
                                       endpoint="/v3/sales/offers/{id}")
         return _job_id(body)
@@ -85,7 +90,7 @@ class G2aClient:
         text = _price_text(price)
         variant = {"productId": str(product_id), "price": {"retail": text, "business": text},
                    "inventory": {"size": int(stock)}, "active": True, "visibility": "all"}
-        body = self._upstream.request("POST", "/v3/sales/offers", idempotent=False,
+        body = self._request("POST", "/v3/sales/offers", idempotent=False,
                                       json_body={"offerType": OFFER_TYPE, "variants": [variant]})
         return _job_id(body)
 
@@ -95,7 +100,7 @@ class G2aClient:
         delay = self.job_poll_interval
         while True:
             self._sleep(delay)
-            body = self._upstream.request("GET", f"/v3/jobs/{_segment(job_id)}", endpoint="/v3/jobs/{id}")
+            body = self._request("GET", f"/v3/jobs/{_segment(job_id)}", endpoint="/v3/jobs/{id}")
             status, element = _job(body, job_id)
             if status in JOB_DONE:
                 return element.get("resourceId")
@@ -110,7 +115,7 @@ class G2aClient:
 
     def price_limit(self, product_id):
         """(min, max) G2A accepts for the product's price, or None when G2A does not say."""
-        body = self._upstream.request("GET", "/v1/products", params={"id": str(product_id)})
+        body = self._request("GET", "/v1/products", params={"id": str(product_id)})
         for doc in _docs(body):
             if str(doc.get("id")) == str(product_id):
                 return _limit(doc.get("priceLimit"))

@@ -70,19 +70,29 @@ class KeyStore:
     # ---- storing CWS codes --------------------------------------------------------------------
 
     def store(self, order_id, codes, names, now):
-        """Put ready CWS codes ({cws_product_id: [CwsCode with a value]}) on the order's waiting items.
+        """Put the codes of a completed CWS order ({cws_product_id: [CwsCode]}, all of them in CWS's order:
+        placeholders and codes without a value included) on the order's waiting items. A unit whose codes
+        are not all there yet keeps waiting, and remembers its placeholder's code id (PREORDER postbacks
+        name only that).
 
         Idempotent: a code already on an item is skipped (and cws_code_id is unique). Returns True when
         every item of the order has its key."""
         with db.write_transaction():
-            items = list(db.OrderItem.select().where(db.OrderItem.order == order_id).order_by(db.OrderItem.position))
+            items = order_items(order_id)
             for product_id, product_codes in codes.items():
                 mine = [item for item in items if item.cws_product_id == product_id and item.source == "cws"]
                 for item, group in assignments(mine, product_codes):
-                    sealed = self.seal_codes(group, names.get(product_id, ""))
-                    if sealed:
-                        deliver(item, sealed, now, cws_code_id=group[0].code_id)
+                    self._store_group(item, group, names.get(product_id, ""), now)
             return all(item.state != PENDING for item in items)
+
+    def _store_group(self, item, group, game_name, now):
+        if not all(code.value for code in group):
+            if item.preorder_code_id != group[0].code_id:
+                db.OrderItem.update(preorder_code_id=group[0].code_id).where(db.OrderItem.id == item.id).execute()
+            return
+        sealed = self.seal_codes(group, game_name)
+        if sealed:
+            deliver(item, sealed, now, cws_code_id=group[0].code_id)
 
     # ---- the pool of returned keys --------------------------------------------------------------
 
@@ -94,14 +104,26 @@ class KeyStore:
         for product_id, group in groupby(sorted(items, key=lambda i: (i.cws_product_id, i.position)),
                                          key=lambda i: i.cws_product_id):
             group = list(group)
-            pooled = list(db.PooledKey.select().where(
-                db.PooledKey.cws_product_id == product_id, db.PooledKey.taken_by.is_null())
-                .order_by(db.PooledKey.id).limit(len(group)))
+            pooled = db.raw_rows(db.PooledKey, "SELECT * FROM pooled_key WHERE cws_product_id = {p} "
+                                 "AND taken_by_id IS NULL ORDER BY id LIMIT {p}", product_id, len(group))
             for item, key in zip(group, pooled):
                 taken_from(item, key.returned_item, now)
                 db.PooledKey.update(taken_by=item.id).where(db.PooledKey.id == key.id).execute()
                 used += 1
         return used
+
+    @staticmethod
+    def release_pool_keys(order_id):
+        """Inside a transaction: an order that will not be delivered gives its pooled keys back (G2A never saw
+        them); its items wait again, to be bought or pooled anew if the order is retried. How many."""
+        items = [item.id for item in db.OrderItem.select(db.OrderItem.id).where(
+            db.OrderItem.order == order_id, db.OrderItem.source == "pool")]
+        if not items:
+            return 0
+        db.PooledKey.update(taken_by=None).where(db.PooledKey.taken_by.in_(items)).execute()
+        db.OrderItem.update(source="cws", state=PENDING, kind=TEXT, secret=None, fingerprint=None, file_name=None,
+                            mime_type=None, delivered_at=None).where(db.OrderItem.id.in_(items)).execute()
+        return len(items)
 
     @staticmethod
     def return_items(order, item_ids, now):
@@ -155,17 +177,22 @@ class KeyStore:
 
 
 def assignments(items, codes):
-    """(item, [codes]) pairs for items still waiting. Codes already stored are skipped; when CWS hands over
-    a whole multiple of the items' count in text codes (several keys per unit), each item gets a bundle."""
-    stored = {item.cws_code_id for item in items if item.cws_code_id}
-    fresh = [code for code in codes if code.code_id not in stored]
+    """(item, [codes]) pairs for the items still waiting, in order. `codes` is the complete code list of one
+    product in one CWS order, so the units it covers (waiting items, and those holding one of its codes) decide
+    the bundle size once for all: codes that arrive in steps never make half-bundles. When the list is a whole
+    multiple of those units and holds no image, each unit gets that many codes (a random-key bundle)."""
+    ids = {code.code_id for code in codes}
+    stored = {item.cws_code_id for item in items if item.cws_code_id in ids}
     waiting = [item for item in items if item.state == PENDING]
-    per_item = 1
-    if items and not stored and len(fresh) > len(items) and len(fresh) % len(items) == 0 \
-            and all(code.kind == "text" for code in fresh):
-        per_item = len(fresh) // len(items)
-    groups = [fresh[start:start + per_item] for start in range(0, len(fresh), per_item)]
-    return list(zip(waiting, groups))
+    per_item = bundle_size(len(waiting) + len(stored), codes)
+    groups = [codes[start:start + per_item] for start in range(0, len(codes), per_item)]
+    return list(zip(waiting, [group for group in groups if group[0].code_id not in stored]))
+
+
+def bundle_size(units, codes):
+    if units and len(codes) > units and len(codes) % units == 0 and all(code.kind != "image" for code in codes):
+        return len(codes) // units
+    return 1
 
 
 def bundle(game_name, values):
@@ -173,10 +200,18 @@ def bundle(game_name, values):
     return " / ".join(f"{game_name} | {value}" for value in values)
 
 
+def order_items(order_id):
+    """The items of an order by position. Hand-written, like the other statements of POST /order (claims.py)."""
+    return db.raw_rows(db.OrderItem, "SELECT * FROM order_item WHERE order_id = {p} ORDER BY position", order_id)
+
+
 def deliver(item, sealed, now, **fields):
-    db.OrderItem.update(kind=sealed.kind, secret=sealed.secret, fingerprint=sealed.fingerprint,
-                        file_name=sealed.file_name, mime_type=sealed.mime_type, state=DELIVERED,
-                        delivered_at=now, **fields).where(db.OrderItem.id == item.id).execute()
+    """`fields`: more order_item columns to set (cws_code_id, source)."""
+    values = {"kind": sealed.kind, "secret": sealed.secret, "fingerprint": sealed.fingerprint,
+              "file_name": sealed.file_name, "mime_type": sealed.mime_type, "state": DELIVERED,
+              "delivered_at": db.OrderItem.delivered_at.db_value(now), **fields}
+    columns = ", ".join(f"{name} = {{p}}" for name in values)
+    db.run_sql(f"UPDATE order_item SET {columns} WHERE id = {{p}}", *values.values(), item.id)
     item.state = DELIVERED
 
 

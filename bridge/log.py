@@ -49,9 +49,29 @@ def event(logger, name, /, level=logging.INFO, **fields):
         logger.log(level, name, extra={"event_fields": fields})
 
 
+def escape_unprintable(text):
+    """Every character that is not printable (ANSI escapes, BEL, NUL, DEL, C1 controls, line and bidi separators)
+    as a JSON-style `\\uXXXX`, so what a caller sent can neither drive the terminal reading the log nor forge or
+    hide part of a line. JSON text stays valid JSON."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _json_escape(char) for char in text)
+
+
+def _json_escape(char):
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def format_value(value):
+    """A field value for the text format: bare when plain, else a JSON string."""
     text = str(value)
-    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return escape_unprintable(json.dumps(text, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -62,7 +82,7 @@ class TextFormatter(logging.Formatter):
         self.masker, self.with_time = masker, with_time
 
     def format(self, record):
-        parts = [record.levelname, record.name, record.getMessage()]
+        parts = [record.levelname, record.name, escape_unprintable(record.getMessage())]
         parts += [f"{k}={format_value(v)}" for k, v in _fields(record).items()]
         if record.exc_info:
             parts.append("error=" + format_value(_exception_line(record)))
@@ -86,7 +106,7 @@ class JsonFormatter(logging.Formatter):
                      for k, v in _fields(record).items()})
         if record.exc_info:
             data["error"] = _exception_line(record)
-        return self.masker(json.dumps(data, ensure_ascii=False))
+        return self.masker(escape_unprintable(json.dumps(data, ensure_ascii=False)))
 
 
 def _fields(record):

@@ -10,7 +10,7 @@ import logging
 
 from peewee import PeeweeException
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
 from . import db, keys, report, status
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "g2a_bridge_"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every Prometheus version reads
-SNAPSHOT_KEY = "metrics.worker"
+SNAPSHOT_KEY = status.WORKER_SNAPSHOT_KEY
 WORKER_SILENT = 60.0  # seconds without a heartbeat after which the worker counts as down
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 KEY_STATES = (keys.PENDING, keys.DELIVERED, keys.RETURNED)
@@ -62,6 +62,7 @@ class Metrics:
         self.sync_postponed = Counter(PREFIX + "sync_writes_postponed", "Writes left for the next pass by the "
                                       "per-pass cap", ("kind",), registry=registry)
         self._token_clients = {}
+        self._budgets = None
 
     # ---- observers, called where things happen -----------------------------------------------
 
@@ -98,11 +99,16 @@ class Metrics:
         """Report each client's token_age (seconds since it obtained its OAuth token) at every collection."""
         self._token_clients.update(clients)
 
+    def watch_budgets(self, budgets):
+        """Report this process's request budgets (budget.py) at every collection."""
+        self._budgets = budgets
+
     # ---- exposition --------------------------------------------------------------------------
 
     def families(self):
         """This process's metric families, every sample labelled process=<name>."""
-        return [_labelled(family, self.process) for family in [*self.registry.collect(), self._token_ages()]]
+        own = [*self.registry.collect(), self._token_ages(), *self._budget_families()]
+        return [_labelled(family, self.process) for family in own]
 
     def publish(self):
         """Worker: keep this process's samples in the database, for the web's /metrics and /health?deep=1."""
@@ -127,6 +133,25 @@ class Metrics:
             if age is not None:
                 family.add_metric([service], age)
         return family
+
+
+    def _budget_families(self):
+        used = GaugeMetricFamily(PREFIX + "upstream_budget_used", "Requests of this process in the current window "
+                                 "of the endpoint class's limit", labels=["class"])
+        limit = GaugeMetricFamily(PREFIX + "upstream_budget_limit", "This process's share of the endpoint class's "
+                                  "limit per window (absent: not held back)", labels=["class"])
+        pace = GaugeMetricFamily(PREFIX + "upstream_budget_pace_per_second", "Requests per second this process may "
+                                 "send now (lower for a while after a 429)", labels=["class"])
+        throttled = CounterMetricFamily(PREFIX + "upstream_throttled", "429 answers by endpoint class",
+                                        labels=["class"])
+        for name, budget in (self._budgets.items() if self._budgets is not None else ()):
+            in_window, allowed = budget.window_use()
+            used.add_metric([name], in_window)
+            throttled.add_metric([name], budget.throttles)
+            if allowed is not None:
+                limit.add_metric([name], allowed)
+                pace.add_metric([name], budget.per_second)
+        return [used, limit, pace, throttled]
 
 
 class _Families:
@@ -163,6 +188,8 @@ def database_families(settings, now):
         _gauge("worker_up", f"1 while the worker's heartbeat is at most {WORKER_SILENT:g} s old",
                _worker_alive(heartbeat)),
         _alerts(),
+        _labelled_gauge("orders_stuck", "Paid orders stuck past their deadline, by kind (g2a-bridge status says "
+                        "what resolves each)", "kind", {name: line["count"] for name, line in figures["stuck"].items()}),
         *money_families(settings),
     ]
 
@@ -204,8 +231,7 @@ def _worker_alive(heartbeat_age):
 
 def worker_families():
     """The worker's metric families as it last published them (none before its first heartbeat)."""
-    stored = db.get_setting(SNAPSHOT_KEY)
-    return [] if stored is None else [_load(item) for item in json.loads(stored)]
+    return [_load(item) for item in status.worker_snapshot()]
 
 
 def worker_token_ages():

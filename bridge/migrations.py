@@ -2,6 +2,7 @@
 import logging
 
 from peewee import CharField, IntegerField, Model
+from playhouse.migrate import SchemaMigrator, migrate as apply_operations
 
 from . import db as models
 from .log import event
@@ -22,6 +23,23 @@ def _initial(database):
     database.create_tables(models.MODELS, safe=True)
 
 
+def _add_column(database, model, name):
+    """Add the model's column `name` unless it is there already (step 1 creates fresh tables whole)."""
+    table = model._meta.table_name
+    if name not in {column.name for column in database.get_columns(table)}:
+        apply_operations(SchemaMigrator.from_database(database).add_column(table, name, model._meta.fields[name]))
+
+
+def _token_scope(database):
+    _add_column(database, models.ApiToken, "scope")
+
+
+def _money_path(database):
+    _add_column(database, models.ReservationLine, "offer_price")
+    _add_column(database, models.OrderItem, "preorder_code_id")
+    models.OrderItem._schema.create_indexes(safe=True)  # the index on preorder_code_id
+
+
 def _order_created_at_index(database):
     # IF NOT EXISTS: a database created after this step was written got the index from step 1.
     database.execute_sql('CREATE INDEX IF NOT EXISTS "order_created_at" ON "order" ("created_at")')
@@ -29,6 +47,8 @@ def _order_created_at_index(database):
 
 # Append only: a shipped step never changes; new columns or tables get a new numbered step.
 STEPS = [(1, "initial tables", _initial),
+         (20, "money path: published price, pre-order code ids", _money_path),
+         (30, "api_token.scope", _token_scope),
          (50, "index on order.created_at (report)", _order_created_at_index)]
 
 

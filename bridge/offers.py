@@ -5,10 +5,11 @@ from decimal import Decimal
 
 from . import db
 from .errors import UpstreamError
-from .stock import available_stock
+from .stock import available_stock, known_balance
 
 HOUR = timedelta(hours=1)
 IN_LIMIT = 500  # more ids than this are filtered in Python (SQLite caps bound values per statement)
+OUTCOMES_PER_TRANSACTION = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class ProductState:
     missing_offer_warned: bool = False
     sync_state: str = "pending"
     price_changes: tuple = ()  # when this product's recent price writes were sent
+    balance: Decimal | None = None  # the CWS balance as last read: keys it cannot pay for are not offered
 
 
 @dataclass(frozen=True)
@@ -62,18 +64,20 @@ def load_states(cws_ids, now, settings):
     available = available_stock(cws_ids, now)
     changes = _recent_price_changes(now)
     defaults = (settings.default_fixed_profit, settings.default_fee)
-    return [_state(row, available, changes, defaults) for row in query.tuples().iterator()
+    balance = known_balance()
+    return [_state(row, available, changes, defaults, balance) for row in query.tuples().iterator()
             if wanted is None or row[3] in wanted]
 
 
-def _state(row, available, changes, defaults):
+def _state(row, available, changes, defaults, balance):
     (g2a_id, offer_id, cost, cws_id, profit, fee, mapped, enabled, listed, min_price, max_price, max_stock,
      limit_min, limit_max, offer_price, offer_stock, offer_active, warned, sync_state) = row
     return ProductState(
         g2a_id, offer_id, _money(cost), available.get(cws_id, 0), _money(profit, defaults[0]),
         _money(fee, defaults[1]), bool(mapped), bool(enabled), bool(listed), _money(min_price), _money(max_price),
         max_stock, _money(limit_min), _money(limit_max), _money(offer_price), offer_stock,
-        None if offer_active is None else bool(offer_active), bool(warned), sync_state, changes.get(g2a_id, ()))
+        None if offer_active is None else bool(offer_active), bool(warned), sync_state, changes.get(g2a_id, ()),
+        balance)
 
 
 def _money(text, default=None):
@@ -89,15 +93,15 @@ def _recent_price_changes(now):
 
 
 def store_outcomes(outcomes, now):
-    """Record what G2A confirmed (or refused) in one transaction; a failed product is retried next pass."""
-    if not outcomes:
-        return
-    with db.write_transaction():
-        for outcome in outcomes:
-            if outcome.error is not None:
-                _store_failure(outcome.change, outcome.error)
-            else:
-                _store_success(outcome.change, outcome.resource_id, now)
+    """Record what G2A confirmed (or refused), a few outcomes per transaction (the web's reservations wait for
+    each); a failed product is retried next pass."""
+    for start in range(0, len(outcomes), OUTCOMES_PER_TRANSACTION):
+        with db.write_transaction():
+            for outcome in outcomes[start:start + OUTCOMES_PER_TRANSACTION]:
+                if outcome.error is not None:
+                    _store_failure(outcome.change, outcome.error)
+                else:
+                    _store_success(outcome.change, outcome.resource_id, now)
 
 
 def _store_success(change, resource_id, now):

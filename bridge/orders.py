@@ -7,7 +7,7 @@ from itertools import groupby
 from . import db
 from .contract import INT64_MAX, stock_entry
 from .errors import BridgeError, ContractError
-from .keys import ACCOUNT, DELIVERED, FILE
+from .keys import ACCOUNT, DELIVERED, FILE, order_items
 from .stock import available_stock
 
 
@@ -29,7 +29,7 @@ def resolve(any_id):
 
 
 def items_of(order):
-    return list(db.OrderItem.select().where(db.OrderItem.order == order.id).order_by(db.OrderItem.position))
+    return order_items(order.id)
 
 
 def inventory(order, key_store, now):
@@ -52,7 +52,9 @@ def stock_lines(order, key_store, now):
 
 def inventory_sizes(g2a_ids, now):
     """{g2a_product_id: keys G2A may still sell}: zero when disabled, capped by max_stock."""
-    products = list(db.Product.select().where(db.Product.g2a_id.in_(list(g2a_ids))))
+    g2a_ids = list(g2a_ids)
+    products = db.raw_rows(db.Product, f"SELECT * FROM product WHERE g2a_id IN ({', '.join(['{p}'] * len(g2a_ids))})",
+                           *g2a_ids) if g2a_ids else []
     available = available_stock([product.cws_product_id for product in products], now)
     sizes = {}
     for product in products:

@@ -73,25 +73,21 @@ def _mark_dirty(payload, now):
     return ids
 
 
-def _hide(payload, now):
-    ids = _mark_dirty(payload, now)
-    if ids:
-        db.CwsProduct.update(listed=False, quantity=0).where(db.CwsProduct.id.in_(ids)).execute()
-
-
 def _preorder(payload, now):
     """A pre-ordered key was assigned: make fulfilment poll the order now (by CWS order id, or by code id)."""
     order_id, code_id = payload.get("orderId"), payload.get("codeId")
     query = db.Order.update(next_check_at=now)
     if _usable(order_id):
         query = query.where(db.Order.cws_order_id == order_id)
-    elif _usable(code_id):
-        query = query.where(db.Order.id.in_(
-            db.OrderItem.select(db.OrderItem.order).where(db.OrderItem.cws_code_id == code_id)))
+    elif _usable(code_id):  # the id of a pre-order placeholder we stored, or of a code already delivered
+        query = query.where(db.Order.id.in_(db.OrderItem.select(db.OrderItem.order).where(
+            (db.OrderItem.preorder_code_id == code_id) | (db.OrderItem.cws_code_id == code_id))))
     else:
         event(log, "postback.ignored", level=logging.WARNING, type="PREORDER", reason="no orderId or codeId")
         return
     event(log, "postback.preorder", cws_order=order_id, code_id=code_id, orders=query.execute())
 
 
-ACTIONS = {"STOCK": _mark_dirty, "PRODUCT_UPDATED": _mark_dirty, "PRODUCT_HIDDEN": _hide, "PREORDER": _preorder}
+# PRODUCT_HIDDEN too only marks: the authHash is the same for every postback, so a captured one could be replayed
+# forever; CWS's own answer to the re-read is what takes a product off sale.
+ACTIONS = {"STOCK": _mark_dirty, "PRODUCT_UPDATED": _mark_dirty, "PRODUCT_HIDDEN": _mark_dirty, "PREORDER": _preorder}

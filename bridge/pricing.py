@@ -25,6 +25,13 @@ def break_even_price(cost, fee):
     return gross_up(cost, fee)
 
 
+def units_affordable(balance, cost):
+    """Keys of `cost` the CWS balance can still pay for (None when either is unknown: nothing to limit by)."""
+    if balance is None or cost is None or cost <= 0:
+        return None
+    return max(0, int(Decimal(balance) // Decimal(cost)))
+
+
 @dataclass(frozen=True)
 class PriceDecision:
     price: Decimal | None

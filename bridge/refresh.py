@@ -2,12 +2,14 @@
 
 G2A gives us about 9 s; a slow CWS must never eat that. One fetch per product is in flight at a
 time (concurrent reservations share it), and a fetch that misses the budget still lands later.
-Once CWS has failed or missed the budget, callers stop waiting for it until a fetch succeeds again.
+Once CWS has failed or missed the budget, callers stop waiting for it until a fetch succeeds again. A fetch never
+waits for the request budget (budget.py): when the web's share of single-product reads is spent, the cache answers.
 """
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from .catalogue import store_cws_products
+from .errors import BudgetSpent
 from .log import event
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,10 @@ class StockRefresher:
         patience = 0.0 if self._failing else self.budget
         done, late = wait(futures, timeout=patience)
         failed = [f.exception() for f in done if f.exception() is not None]
-        if late or failed:
+        if failed and not late and all(isinstance(err, BudgetSpent) for err in failed):
+            # CWS is fine: this process used its share of the single-product limit. Not a reason to stop waiting.
+            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason="budget")
+        elif late or failed:
             self._failing = True
             reason = str(failed[0]) if failed else (
                 f"CWS slower than {self.budget}s" if patience else "CWS failing: not waiting until it answers again")
@@ -51,7 +56,7 @@ class StockRefresher:
 
     def _fetch(self, product_id, now):
         try:
-            info = self.cws.product(product_id)
+            info = self.cws.product(product_id, wait=False)
             store_cws_products([info] if info else [], [product_id], now)
             self._failing = False
         finally:

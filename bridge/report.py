@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from peewee import JOIN, SQL, Case, Value, fn
 
-from . import db
+from . import db, stuck
 
 CENT = Decimal("0.01")
 SCALE = 10_000  # money is summed in SQL as whole ten-thousandths: exact for any price with at most 4 decimals
@@ -88,14 +88,14 @@ class Report:
         return by_profit[:RANKED], by_profit[RANKED:][::-1][:RANKED]
 
 
-def build(settings, since, now, by="product", stuck_after=datetime.timedelta(minutes=10)):
+def build(settings, since, now, by="product"):
     """The report for orders created from `since` to `now`, rows per product or per day."""
     products = _named(_lines(since, settings.default_fee, "product"))
     days = _lines(since, settings.default_fee, "day")
     total = Line("total")
     for line in days:  # an order falls on one day, so the days' order counts add up (the products' may not)
         total.add(line)
-    failed, stuck = _failed_and_stuck(since, now - stuck_after)
+    failed, stuck = _failed_and_stuck(settings, since, now)
     return Report(since, now, by, settings.currency, total, products if by == "product" else days, products,
                   failed, stuck)
 
@@ -157,13 +157,13 @@ def _count(condition):
     return fn.SUM(Case(None, [(condition, 1)], 0))
 
 
-def _failed_and_stuck(since, stuck_before):
-    """Orders of the period that FAILED, and those paid but without every key after `stuck_before`."""
-    order = db.Order
-    failed = order.select().where(order.created_at >= since, order.state == db.FAILED).count()
-    stuck = order.select().where(order.created_at >= since, order.created_at < stuck_before,
-                                 order.state.in_([db.CLAIMED, db.FULFILLING, db.PREORDER])).count()
-    return failed, stuck
+def _failed_and_stuck(settings, since, now):
+    """Orders of the period that FAILED, and those stuck otherwise (stuck.py: past their deadline, still paid
+    and without every key)."""
+    failed = db.Order.select().where(db.Order.created_at >= since, db.Order.state == db.FAILED).count()
+    stuck_orders = {order.id for orders in stuck.find(settings, now).values() for order in orders
+                    if order.created_at >= since and order.state != db.FAILED}
+    return failed, len(stuck_orders)
 
 
 def _decimal(units):

@@ -8,7 +8,7 @@ from . import db, pricing
 from .contract import Line, stock_entry
 from .errors import ContractError
 from .log import event
-from .stock import available_stock
+from .stock import available_stock, known_balance
 
 log = logging.getLogger(__name__)
 ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
@@ -47,7 +47,9 @@ class Reservations:
             if not db.Reservation.update(expires_at=self._expiry(now)).where(
                     db.Reservation.id == reservation_id, db.Reservation.state == ACTIVE).execute():
                 raise ContractError(400, "BR02", f"reservation {reservation_id} is no longer active")
-            self._deactivate_lines(reservation_id)
+            # Replaced, not deactivated: an empty-body renewal re-reads "the lines" and must find only today's,
+            # or each empty PUT added every line the reservation ever had (issue 12, item 1).
+            db.ReservationLine.delete().where(db.ReservationLine.reservation == reservation_id).execute()
             stock = self._take(lines, products, now)
             self._insert_lines(reservation_id, lines, products, now)
         event(log, "reservation.renewed", reservation=reservation_id)
@@ -103,13 +105,16 @@ class Reservations:
         """Inside the write transaction: check every line fits, or raise with what is available."""
         cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
         db.lock_rows(db.CwsProduct, cws_ids)
-        available = available_stock(cws_ids, now)
+        balance = known_balance()
+        available = _payable(available_stock(cws_ids, now), products, balance)
         demand = defaultdict(int)
         for line in lines:
             demand[products[line.product_id].cws_product_id] += line.quantity
         disabled = any(not products[line.product_id].enabled for line in lines)
         if disabled or any(wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
             raise self._short(lines, available, products, "out_of_stock", "not enough stock")
+        if not _balance_covers(demand, products, balance):
+            raise self._short(lines, available, products, "out_of_stock", "the CWS balance cannot pay for it")
         left = {cws_id: available.get(cws_id, 0) - wanted for cws_id, wanted in demand.items()}
         return self._stock(lines, left, products)
 
@@ -134,8 +139,9 @@ class Reservations:
         moment, money = db.ReservationLine.expires_at.db_value, db.MoneyField().db_value
         expires = moment(self._expiry(now))
         rows = [(reservation_id, line.product_id, products[line.product_id].cws_product_id, line.quantity,
-                 money(line.unit_price), True, expires) for line in lines]
-        db.database.obj.cursor().executemany(_sql(INSERT_LINE_SQL), rows)
+                 money(line.unit_price), money(products[line.product_id].offer_price), True, expires)
+                for line in lines]
+        db.database.obj.cursor().executemany(db.sql(INSERT_LINE_SQL), rows)
 
     @staticmethod
     def _deactivate_lines(reservation_id):
@@ -150,24 +156,20 @@ class Reservations:
         return now + timedelta(seconds=self.settings.reservation_ttl)
 
 
-SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at")
+SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at offer_price")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
-SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.fetched_at "
+SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.fetched_at, p.offer_price "
                 "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({})")
 INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expires_at, request_id) "
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
 INSERT_LINE_SQL = ("INSERT INTO reservation_line (reservation_id, g2a_product_id, cws_product_id, quantity, "
-                   "unit_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})")
-
-
-def _sql(template):
-    return template.format(p=db.database.obj.param)
+                   "unit_price, offer_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
 
 
 def _insert_reservation(reservation_id, now, expires_at, request_id):
     moment = db.Reservation.expires_at.db_value
-    db.database.obj.execute_sql(_sql(INSERT_RESERVATION_SQL),
+    db.database.obj.execute_sql(db.sql(INSERT_RESERVATION_SQL),
                                 (reservation_id, ACTIVE, moment(now), moment(expires_at), request_id))
 
 
@@ -178,7 +180,29 @@ def _sellable(g2a_ids):
     rows = database.execute_sql(sql, list(g2a_ids)).fetchall()
     money, moment = db.MoneyField().python_value, db.CwsProduct.fetched_at.python_value
     return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
-                                    moment(row[6])) for row in rows}
+                                    moment(row[6]), money(row[7])) for row in rows}
+
+
+def _costs(products):
+    return {product.cws_product_id: product.cost for product in products.values()}
+
+
+def _payable(available, products, balance):
+    """Stock we can pay for: none without a CWS price for one key (no band covers 1: no cost, no loss guard),
+    and no more than the known CWS balance buys (after CWS refused a purchase for balance, or when the balance
+    is below one key, G2A sees 0 rather than keys every sale of which would fail)."""
+    costs = _costs(products)
+    capped = {}
+    for cws_id, count in available.items():
+        affordable = 0 if costs.get(cws_id) is None else pricing.units_affordable(balance, costs[cws_id])
+        capped[cws_id] = count if affordable is None else min(count, affordable)
+    return capped
+
+
+def _balance_covers(demand, products, balance):
+    """Every line together within the balance (each was checked alone by _payable; costs are known there)."""
+    costs = _costs(products)
+    return balance is None or sum(costs[cws_id] * wanted for cws_id, wanted in demand.items()) <= balance
 
 
 def expire_reservations(now):

@@ -8,12 +8,15 @@ from decimal import Decimal, InvalidOperation
 
 from peewee import fn
 
-from . import db, lease, pause
+from . import db, lease, pause, stuck
 from .products import REFUSED_KEY
+from .stock import BALANCE_KEY
 
+WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
+BUDGET_SERIES = {"g2a_bridge_upstream_budget_used": "used", "g2a_bridge_upstream_budget_limit": "limit",
+                 "g2a_bridge_upstream_throttled_total": "throttled"}
 SYNC_KEY = "sync.last_pass"
 SYNC_SUCCESS_KEY = "sync.last_success"
-BALANCE_KEY = "cws.balance"
 SYNC_STATES = ("in_sync", "pending", "failed")
 NOTIFICATION_WINDOW = timedelta(hours=24)
 
@@ -32,6 +35,8 @@ def collect(settings, now):
             db.Notification.received_at > now - NOTIFICATION_WINDOW).count(),
         "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
         "worker": _worker(now),
+        "stuck": stuck.summary(settings, now),
+        "upstream_budgets": worker_budgets(),
     }
     figures["attention"] = attention(figures, settings)
     return figures
@@ -103,6 +108,24 @@ def _worker(now):
     return {"holder": row.holder, "heartbeat_age_seconds": round((now - row.heartbeat_at).total_seconds(), 1)}
 
 
+def worker_snapshot():
+    """The worker's metric families as it last published them, as stored (JSON-able dicts)."""
+    stored = db.get_setting(WORKER_SNAPSHOT_KEY)
+    return [] if stored is None else json.loads(stored)
+
+
+def worker_budgets():
+    """{class: {"used", "limit", "throttled"}} of the worker's request budgets at its last heartbeat (429s counted
+    since it started); {} before its first."""
+    budgets = {}
+    for family in worker_snapshot():
+        for name, labels, value in family["samples"]:
+            if name in BUDGET_SERIES:
+                budgets.setdefault(labels["class"], {"used": 0, "limit": None, "throttled": 0})[
+                    BUDGET_SERIES[name]] = int(value)
+    return budgets
+
+
 def attention(figures, settings):
     """One line per thing that needs the operator, with what to do about it."""
     lines = []
@@ -114,9 +137,7 @@ def attention(figures, settings):
     worker = figures["worker"]
     if worker is None or worker["heartbeat_age_seconds"] > lease.TTL.total_seconds():
         lines.append("worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)")
-    if figures["orders"]["failed"]:
-        lines.append(f"{figures['orders']['failed']} FAILED orders: g2a-bridge orders --state failed, "
-                     "then g2a-bridge retry ORDER_ID")
+    lines += stuck.attention(figures["stuck"])
     if figures["offers"]["failed"]:
         lines.append(f"{figures['offers']['failed']} offers failed to sync: g2a-bridge sync --dry-run, "
                      "and journalctl -u g2a-bridge-worker")
@@ -150,6 +171,8 @@ def render(figures):
         ("notifications", f"{figures['notifications_24h']} in the last 24 h"),
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
         ("worker", _worker_text(figures["worker"])),
+        ("stuck", _stuck_text(figures["stuck"])),
+        ("budgets", budgets_text(figures["upstream_budgets"])),
     ]
     lines = [f"{label:<14} {value}" for label, value in rows]
     lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
@@ -159,6 +182,14 @@ def render(figures):
 def _products_text(products, refused):
     text = f"{products['mapped']} mapped ({products['enabled']} enabled)"
     return text + ("; products.json refused, see below" if refused is not None else "")
+
+
+def budgets_text(budgets):
+    """One line: each class's requests in its window / the worker's limit, and its 429s."""
+    if not budgets:
+        return "unknown (the worker publishes it every 5 s)"
+    return ", ".join(f"{name} {row['used']}/{'-' if row['limit'] is None else row['limit']}"
+                     + (f" ({row['throttled']}x429)" if row["throttled"] else "") for name, row in budgets.items())
 
 
 def _sync_text(sync):
@@ -171,6 +202,12 @@ def _balance_text(balance):
     if balance is None:
         return "unknown (the worker checks it every 5 min)"
     return f"{balance['amount']} {balance['currency']} (checked {age_text(balance['age_seconds'])} ago)"
+
+
+def _stuck_text(found):
+    """Stuck orders by kind ("none" when nothing is): the `!` lines below say what to do."""
+    parts = [f"{line['count']} {name}" for name, line in found.items() if line["count"]]
+    return ", ".join(parts) or "none"
 
 
 def _worker_text(worker):

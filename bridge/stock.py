@@ -2,23 +2,41 @@
 
 available = CWS quantity (0 once delisted) + returned keys in the pool − live reservations
             − claimed order items not bought yet; never below 0.
+Reservations and sync also cap it by what the known CWS balance can pay for (pricing.units_affordable).
 """
+from decimal import Decimal, InvalidOperation
+
 from peewee import Case, fn
 
 from . import db
+
+BALANCE_KEY = "cws.balance"  # the CWS spending power at its last reading (0 after CWS refused a purchase for it)
 
 CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole table instead
 SMALL = 2000
 FEW = 20  # up to this many ids (a reservation's lines) one hand-written statement answers
 # Hand-written: reservations ask for one or two products per request, and peewee spent longer building
-# four queries than SQLite spent running them (bench/reservation_bench.py).
+# four queries than SQLite spent running them (bench/reservation_bench.py). Each sum must stay bounded by
+# what is live, never by history: `l.active = TRUE` lets the covering index skip inactive lines, and the
+# claimed items are found from the few claimed orders (CROSS JOIN fixes SQLite's loop order), not from every
+# item ever sold of the product (20,000 past orders of a product made this 12 ms instead of 0.1 ms).
 FEW_SQL = """SELECT c.id, CASE WHEN c.listed THEN c.quantity ELSE 0 END
   + (SELECT COUNT(*) FROM pooled_key k WHERE k.cws_product_id = c.id AND k.taken_by_id IS NULL)
   - (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l
-     WHERE l.cws_product_id = c.id AND l.active AND l.expires_at > {p})
-  - (SELECT COUNT(*) FROM order_item i JOIN "order" o ON o.id = i.order_id
-     WHERE i.cws_product_id = c.id AND o.state = {p} AND i.source = {p})
+     WHERE l.cws_product_id = c.id AND l.active = TRUE AND l.expires_at > {p})
+  - (SELECT COUNT(*) FROM "order" o CROSS JOIN order_item i
+     WHERE o.state = {p} AND i.order_id = o.id AND i.cws_product_id = c.id AND i.source = {p}
+       AND i.state = {p})
 FROM cws_product c WHERE c.id IN ({ids})"""
+
+
+def known_balance():
+    """The CWS balance as last read (None when never read): keys it cannot pay for are not offered."""
+    value = db.get_setting(BALANCE_KEY)
+    try:
+        return None if value is None else Decimal(value)
+    except InvalidOperation:
+        return None
 
 
 def available_stock(cws_product_ids, now):
@@ -39,7 +57,7 @@ def available_stock(cws_product_ids, now):
 def _few(ids, now):
     database = db.database.obj
     sql = FEW_SQL.format(p=database.param, ids=", ".join([database.param] * len(ids)))
-    params = [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", *ids]
+    params = [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", "pending", *ids]
     found = {cws_id: max(0, int(total)) for cws_id, total in database.execute_sql(sql, params).fetchall()}
     return {cws_id: found.get(cws_id, 0) for cws_id in ids}
 
@@ -67,7 +85,7 @@ def _pooled():
 def _claimed():
     item, order = db.OrderItem, db.Order
     return (item.select(item.cws_product_id, fn.COUNT(item.id)).join(order)
-            .where(order.state == db.CLAIMED, item.source == "cws")
+            .where(order.state == db.CLAIMED, item.source == "cws", item.state == "pending")
             .group_by(item.cws_product_id), item.cws_product_id)
 
 

@@ -14,11 +14,11 @@ from .catalogue import Catalogue
 from .errors import UpstreamError
 from .log import event
 from .offers import HOUR, Outcome, load_states, prune_price_changes, store_outcomes
-from .pricing import decide_price
+from .pricing import decide_price, units_affordable
 
 log = logging.getLogger(__name__)
 
-WRITERS = 8  # PATCHes in flight at once; the shared RequestBudget still caps the rate
+WRITERS = 8  # PATCHes in flight at once; the g2a request budget (budget.py) still caps the rate
 REQUESTS_PER_WRITE = 3  # a PATCH and about two job polls
 JOB_TIMEOUT = 60.0
 FLUSH_EVERY = 200  # confirmed writes per database transaction
@@ -116,13 +116,16 @@ def _desired(state):
     decision = decide_price(state.cost, state.fixed_profit, state.fee, state.min_price, state.max_price,
                             state.limit_min, state.limit_max)
     stock = state.available if state.max_stock is None else min(state.available, state.max_stock)
-    return decision, stock, _why_not_sold(state, decision, stock)
+    affordable = units_affordable(state.balance, state.cost)
+    stock = stock if affordable is None else min(stock, affordable)
+    return decision, stock, _why_not_sold(state, decision, stock, affordable)
 
 
-def _why_not_sold(state, decision, stock):
+def _why_not_sold(state, decision, stock, affordable):
     """Why the offer must not sell now, or "" when it should be active."""
     reasons = ((not state.mapped, "removed from products.json"), (not state.enabled, "disabled in products.json"),
                (not state.listed, "not listed by CWS"), (not decision.sellable, decision.reason),
+               (affordable == 0, f"CWS balance {state.balance} cannot pay for one key: top up the CWS account"),
                (stock <= 0, "out of stock"))
     return next((why for failed, why in reasons if failed), "")
 
@@ -299,8 +302,8 @@ class SyncEngine:
                    and (s.offer_id is not None or not s.mapped)]
         if not settled:
             return
-        with db.write_transaction():
-            for start in range(0, len(settled), 500):
+        for start in range(0, len(settled), 500):
+            with db.write_transaction():  # one statement each: the web's reservations wait for it
                 db.Product.update(sync_state="in_sync", sync_error=None).where(
                     db.Product.g2a_id.in_(settled[start:start + 500])).execute()
 

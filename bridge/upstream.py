@@ -1,6 +1,6 @@
 """Outbound HTTP to CWS and G2A: one pooled session per service, HTTPS host allow-list, OAuth
-client-credentials token cache, a shared request budget, and retries only where they are safe."""
-import collections
+client-credentials token cache, the request budget of each endpoint class (budget.py), and retries only where
+they are safe."""
 import logging
 import random
 import threading
@@ -11,7 +11,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from .config import outbound_url_problem
-from .errors import ConfigError, OutcomeUnknown, UpstreamError
+from .errors import BudgetSpent, ConfigError, OutcomeUnknown, UpstreamError
 from .log import event
 
 log = logging.getLogger(__name__)
@@ -53,47 +53,19 @@ class TokenCache:
         return None if obtained_at is None else self._clock() - obtained_at
 
 
-class RequestBudget:
-    """At most `per_minute` requests in any 60 s window across every caller in the process (thread-safe);
-    acquire() blocks with an injectable sleep. A sliding window, so no burst ever exceeds the limit."""
-
-    def __init__(self, per_minute, clock=time.monotonic, sleep=time.sleep):
-        self.per_minute, self._clock, self._sleep = per_minute, clock, sleep
-        self._lock = threading.Lock()
-        self._sent = collections.deque()
-
-    def acquire(self):
-        while True:
-            wait = self._try_acquire()
-            if wait <= 0:
-                return
-            self._sleep(wait)
-
-    def _try_acquire(self):
-        """0 when a request may go now (and it is counted), else how long to wait."""
-        with self._lock:
-            now = self._clock()
-            while self._sent and self._sent[0] <= now - 60:
-                self._sent.popleft()
-            if len(self._sent) < self.per_minute:
-                self._sent.append(now)
-                return 0
-            return self._sent[0] + 60 - now
-
-
 class Upstream:
-    """One outbound service: base URL, pooled session, token, budget and retries.
+    """One outbound service: base URL, pooled session, token, budgets and retries.
 
     request() returns the parsed JSON body or raises UpstreamError (OutcomeUnknown for a write that may
-    have happened)."""
+    have happened, BudgetSpent when told not to wait for its endpoint class's budget)."""
 
-    def __init__(self, service, base_url, timeout, retry_max, token=None, allowed_hosts=(), budget=None,
+    def __init__(self, service, base_url, timeout, retry_max, token=None, allowed_hosts=(), budgets=None,
                  retryable=None, sleep=time.sleep, observer=None, user_agent="g2a-bridge"):
         problem = outbound_url_problem(base_url, allowed_hosts)
         if problem:
             raise ConfigError([f"{service} base URL {problem}"])
         self.service, self.base_url = service, base_url.rstrip("/")
-        self.timeout, self.retry_max, self.token, self.budget = (timeout, timeout), retry_max, token, budget
+        self.timeout, self.retry_max, self.token, self.budgets = (timeout, timeout), retry_max, token, budgets
         self._retryable, self._sleep, self._observer = retryable, sleep, observer
         self._random = random.Random()
         self.session = requests.Session()
@@ -102,10 +74,15 @@ class Upstream:
         self.session.mount("http://", adapter)
         self.session.headers.update({"User-Agent": user_agent, "Accept": "application/json"})
 
-    def request(self, method, path, *, params=None, json_body=None, form=None, idempotent=True, auth=True,
-                endpoint=None):
+    def request(self, method, path, *, budget=None, wait=True, params=None, json_body=None, form=None,
+                idempotent=True, auth=True, endpoint=None, before_send=None):
+        """`budget` names the endpoint class whose budget each attempt spends (budget.py; None: unmetered); with
+        wait=False an attempt that finds no free slot raises BudgetSpent instead of waiting for one.
+        `before_send()` runs right before each attempt goes out, after any token fetch and budget wait (it may
+        raise to stop the call): a purchase records there when it was last sent."""
         endpoint = endpoint or path
         options = {"params": params, "json": json_body, "data": form}
+        spend = self._spender(budget, wait, endpoint)
         attempt = retries = 0
         refreshed = False
         while True:
@@ -113,22 +90,32 @@ class Upstream:
             token = self.token.get() if auth and self.token else None
             response = None
             try:
+                spend.take(retry=attempt > 1)
+                if before_send is not None:
+                    before_send()
                 response = self._send(method, path, endpoint, token, attempt, idempotent, options)
+                spend.answered(response)
                 if response.status_code == 401 and token and not refreshed:
                     # A 401 means nothing was done, so even a purchase may be sent again, once.
                     self.token.invalidate(token)
                     refreshed = True
                     continue
                 return self._result(response, endpoint, idempotent)
+            except BudgetSpent:
+                raise
             except UpstreamError as err:
+                if response is None:
+                    spend.unanswered()
                 if not (idempotent and err.retryable and retries < self.retry_max):
                     raise
                 retries += 1
-                self._back_off(err, response, retries, endpoint, attempt)
+                self._back_off(err, response, retries, endpoint, attempt, spend.holds(response))
+
+    def _spender(self, name, wait, endpoint):
+        budget = self.budgets[name] if self.budgets is not None and name is not None else None
+        return _Spender(self.service, budget, wait, endpoint)
 
     def _send(self, method, path, endpoint, token, attempt, idempotent, options):
-        if self.budget:
-            self.budget.acquire()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         started = time.monotonic()
         try:
@@ -176,13 +163,16 @@ class Upstream:
         raise UpstreamError(self.service, f"malformed JSON in the {endpoint} response",
                             status=response.status_code, retryable=True)
 
-    def _back_off(self, err, response, retry, endpoint, attempt):
-        wait = _retry_after(response)
+    def _back_off(self, err, response, retry, endpoint, attempt, held):
+        """Wait before a retry: a 429's hold is the budget's (the next attempt waits for it), else Retry-After
+        (capped) or exponential backoff with jitter."""
+        wait = held if held is not None else _retry_after(response)
         if wait is None:
             wait = self._random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retry - 1)))
         event(log, "upstream.retry", level=logging.WARNING, service=self.service, endpoint=endpoint,
               status=err.status or "error", attempt=attempt, wait=round(wait, 3))
-        self._sleep(wait)
+        if held is None:
+            self._sleep(wait)
 
     def _observe(self, method, endpoint, status, started, attempt):
         if self._observer is None:
@@ -193,7 +183,47 @@ class Upstream:
             log.exception("upstream observer failed")
 
 
-def fetch_client_token(upstream, path, client_id, client_secret):
+class _Spender:
+    """One request's dealings with the budget of its endpoint class (none: nothing to do)."""
+
+    def __init__(self, service, budget, wait, endpoint):
+        self.service, self.budget, self.wait, self.endpoint = service, budget, wait, endpoint
+        self._hold = None
+        self._taken = False  # a slot is held for an attempt that has not been answered yet
+
+    def take(self, retry):
+        """A slot for the next attempt. A caller that will not wait still waits out the short hold a 429 puts on a
+        retry (at most RETRY_AFTER_CAP): it was already sent once, and giving up would waste that."""
+        if self.budget is None:
+            return
+        if not self.wait and not self.budget.acquire(timeout=RETRY_AFTER_CAP if retry else 0):
+            raise BudgetSpent(self.service, f"{self.endpoint}: the {self.budget.name} request budget is spent")
+        if self.wait:
+            self.budget.acquire()
+        self._taken = True
+
+    def unanswered(self):
+        """The attempt got no HTTP answer (or never went out): its slot goes back to the budget."""
+        if self._taken:
+            self.budget.give_back()
+            self._taken = False
+
+    def answered(self, response):
+        """Tell the budget how the upstream answered: a 429 slows the class and holds it for a while."""
+        self._hold, self._taken = None, False
+        if self.budget is None:
+            return
+        if response.status_code == 429:
+            self._hold = self.budget.throttled(_retry_after(response, cap=None))
+        else:
+            self.budget.answered()
+
+    def holds(self, response):
+        """The hold the budget put on a 429 (the next attempt's take() waits it out), else None."""
+        return self._hold if response is not None and response.status_code == 429 else None
+
+
+def fetch_client_token(upstream, path, client_id, client_secret, budget=None):
     """(access_token, expires_in) from an OAuth client-credentials endpoint; both CWS and G2A use it.
 
     Rejected credentials (HTTP 400 or 401) always surface as UpstreamError with status=401,
@@ -201,7 +231,7 @@ def fetch_client_token(upstream, path, client_id, client_secret):
     """
     form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
     try:
-        body = upstream.request("POST", path, form=form, auth=False)
+        body = upstream.request("POST", path, budget=budget, form=form, auth=False)
     except UpstreamError as err:
         if err.status not in (400, 401):
             raise
@@ -248,14 +278,15 @@ def _describe(exc):
     return type(exc).__name__ + (f": {str(exc)[:200]}" if str(exc) else "")
 
 
-def _retry_after(response):
-    """Seconds from a Retry-After header (capped), or None; the HTTP-date form is ignored."""
+def _retry_after(response, cap=RETRY_AFTER_CAP):
+    """Seconds from a Retry-After header (clamped to [0, cap] unless cap is None), or None; the HTTP-date form is
+    ignored."""
     value = response.headers.get("Retry-After") if response is not None else None
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+    return seconds if cap is None else min(max(seconds, 0.0), cap)
 
 
 def _positive_number(value):

@@ -1,5 +1,4 @@
 """The HTTP side: G2A's merchant contract on Bottle, served by Waitress; errors mapped to JSON in one place."""
-import ipaddress
 import json
 import logging
 import re
@@ -8,12 +7,12 @@ import time
 import uuid
 
 import bottle
-import waitress
 
-from . import alerts, db, postbacks
-from .auth import FailureBrake, TokenStore
+from . import alerts, db, httpserver, postbacks
+from .auth import CONTRACT, METRICS, FailureBrake, TokenStore, delete_unconfigured_tokens
+from .budget import budgets_for
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
-from .crypto import load_key_box
+from .crypto import open_key_box
 from .cws import CwsClient
 from .errors import ContractError
 from .fulfillment import Fulfilment
@@ -28,9 +27,19 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
 MAX_BODY_BYTES = 256 * 1024
 MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch
 QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
-LOOPBACK = "loopback"  # route config auth=LOOPBACK: Bearer/Basic, or a direct call from this machine
+TRUSTED_PROXY = "127.0.0.1"  # the local TLS proxy: the only peer whose X-Forwarded-For Waitress believes
+# Route config auth=MONITORING: a contract or a METRICS_CLIENTS pair (Bearer/Basic), or a direct call from this machine.
+MONITORING = "monitoring"
+# Waitress reads a request whole before a thread sees it, so a client trickling its body in costs one connection,
+# not a thread. Its default limit of 100 connections let 105 such clients stop every G2A call; 1000 costs about as
+# many descriptors (the web unit's LimitNOFILE), past select()'s 1024, hence poll(). An idle connection goes after
+# 30-35 s: longer than the proxy keeps an idle upstream connection (README: Caddy keepalive 10s), or the proxy could
+# send a request into a connection we just closed (a 502 for G2A). Bodies Waitress still reads above MAX_BODY_BYTES
+# get the app's JSON 413; past 1 MiB Waitress refuses.
+SERVER_OPTIONS = {"connection_limit": 1000, "asyncore_use_poll": True, "channel_timeout": 30, "cleanup_interval": 5,
+                  "max_request_body_size": MAX_BODY_BYTES * 4, "backlog": 1024}
 
 
 def reply(status, payload=None):
@@ -61,8 +70,8 @@ class ErrorPlugin:
 
 
 class AuthPlugin:
-    """Bearer (or Basic) on every route unless the route says auth=False, or auth=LOOPBACK (direct calls from this
-    machine need none); repeated failures per IP get 429."""
+    """Bearer (or Basic) of a contract pair on every route unless the route says auth=False, or auth=MONITORING
+    (metrics pairs too, and direct calls from this machine need none); repeated failures per IP get 429."""
     name, api = "auth", 2
 
     def __init__(self, tokens, brake):
@@ -74,28 +83,31 @@ class AuthPlugin:
             return callback
 
         def wrapper(*args, **kwargs):
-            authorize(self.tokens, self.brake, allow_loopback=mode == LOOPBACK)
+            if mode == MONITORING:
+                authorize_monitoring(self.tokens, self.brake)
+            else:
+                authorize(self.tokens, self.brake)
             return callback(*args, **kwargs)
         return wrapper
 
 
-def authorize(tokens, brake, allow_loopback=False):
-    """Raise AUTH01/AUTH02 unless the call carries valid credentials (or, when allowed, comes from loopback)."""
-    if allow_loopback and direct_from_loopback(bottle.request.environ):
-        return
+def authorize(tokens, brake, scopes=(CONTRACT,)):
+    """Raise AUTH01/AUTH02 unless the call carries valid credentials of one of `scopes`."""
     # The raw header: Bottle's get_header() raises on bytes that are not UTF-8, which is then a 500, not a 401.
-    guard(brake, lambda: tokens.check(bottle.request.environ.get("HTTP_AUTHORIZATION"), db.utcnow()))
+    guard(brake, lambda: tokens.check(bottle.request.environ.get("HTTP_AUTHORIZATION"), db.utcnow(), scopes))
+
+
+def authorize_monitoring(tokens, brake):
+    """/metrics and /health?deep=1: any configured pair, or no credentials on a direct call from this machine."""
+    if not direct_from_loopback(bottle.request.environ):
+        authorize(tokens, brake, (CONTRACT, METRICS))
 
 
 def direct_from_loopback(environ):
-    """A call made on this machine, not forwarded by the TLS proxy (which sets X-Forwarded-For on every call)."""
-    if environ.get("HTTP_X_FORWARDED_FOR") or environ.get("HTTP_FORWARDED"):
-        return False
-    try:
-        address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
-    except ValueError:
-        return False
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+    """A call made on this machine, not forwarded by the TLS proxy (which sets X-Forwarded-For on every call).
+    Only from TRUSTED_PROXY itself: Waitress strips X-Forwarded-For (and Forwarded) from every other peer before we
+    see it, so a proxy reaching us over ::1 would look like a direct call."""
+    return environ.get("REMOTE_ADDR") == TRUSTED_PROXY and not environ.get("HTTP_X_FORWARDED_FOR")
 
 
 def guard(brake, check):
@@ -144,12 +156,16 @@ def create_app(settings, cws=None, metrics=None):
     counts what this process does; serve() must get the same object to count requests."""
     app = bottle.Bottle(autojson=False)
     tokens, brake = TokenStore(settings), FailureBrake()
+    revoked = delete_unconfigured_tokens(settings)
+    if revoked:
+        event(log, "auth.tokens_revoked", count=revoked, reason="their client pair is no longer configured")
     pause = PauseSwitch(settings.service_enabled)
     metrics = metrics or Metrics("web")
-    cws = cws or CwsClient(settings, observer=metrics.upstream)
+    cws = cws or CwsClient(settings, budgets=budgets_for(settings, "web"), observer=metrics.upstream)
     metrics.watch_tokens(cws=cws)
+    metrics.watch_budgets(cws.budgets)
     refresher = StockRefresher(cws, settings.stock_max_age)
-    orders = Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
+    orders = Fulfilment(settings, cws, open_key_box(settings))
     reservations = Reservations(settings, refresher, pause, observer=metrics.reservation)
     app.install(ErrorPlugin())
     app.install(AuthPlugin(tokens, brake))
@@ -167,11 +183,12 @@ def create_app(settings, cws=None, metrics=None):
     @app.get("/healthcheck")
     def healthcheck():
         return reply(204)
+    app.healthcheck_passes = lambda environ: healthcheck_passes(tokens, brake, environ)
 
     @app.get("/health", auth=False)
     def health():
         if bottle.request.query.get("deep") in ("1", "true"):
-            authorize(tokens, brake, allow_loopback=True)
+            authorize_monitoring(tokens, brake)
             return reply(*deep_health(settings, db.utcnow()))
         try:
             db.database.execute_sql("SELECT 1")
@@ -182,7 +199,7 @@ def create_app(settings, cws=None, metrics=None):
         bottle.response.content_type = "text/plain"
         return "OK"
 
-    @app.get("/metrics", auth=LOOPBACK)
+    @app.get("/metrics", auth=MONITORING)
     def prometheus_metrics():
         bottle.response.content_type = CONTENT_TYPE
         return metrics.exposition(settings, db.utcnow())
@@ -233,9 +250,16 @@ def create_app(settings, cws=None, metrics=None):
 
     @app.post("/cws/postback", auth=False)
     def cws_postback():
-        return reply(postbacks.handle(settings, read_body(), db.utcnow()), {})
+        return reply(guard(brake, lambda: postbacks.handle(settings, read_body(), db.utcnow())), {})
 
     return app
+
+
+def healthcheck_passes(tokens, brake, environ):
+    """True when GET /healthcheck may be answered 204 at once: a Bearer token this process already knows, from a
+    caller the brake lets through. No database, no Bottle; anything else takes the route (and its errors)."""
+    return (environ.get("REQUEST_METHOD") == "GET" and not brake.braked(environ.get("REMOTE_ADDR", ""))
+            and tokens.known(environ.get("HTTP_AUTHORIZATION"), time.time()))
 
 
 def returned_item_ids(query):
@@ -286,15 +310,20 @@ def _error_page(code, message):
 
 class AccessLog:
     """WSGI wrapper: request id in and out, body size limit, one access line per request with status and latency
-    (also counted in `metrics` by route rule, if given)."""
+    (also counted in `metrics` by route rule, if given). A /healthcheck the app's `healthcheck_passes` accepts is
+    answered here, counted and nothing more: it is G2A's liveness probe."""
 
     def __init__(self, app, metrics=None):
         self.app, self.metrics = app, metrics
+        self.healthcheck_passes = getattr(app, "healthcheck_passes", lambda environ: False)
+        self._healthchecks = metrics.requests.labels("GET", "/healthcheck", "204") if metrics else None
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
         offered = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = offered if REQUEST_ID_PATTERN.match(offered) else uuid.uuid4().hex[:16]
+        request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex[:16]
+        if environ.get("PATH_INFO") == "/healthcheck" and self.healthcheck_passes(environ):
+            return self._healthy(environ, start_response, request_id, started)
         token = REQUEST_ID.set(request_id)
         status_seen = []
 
@@ -309,6 +338,14 @@ class AccessLog:
             self._log(environ, status_seen, started)
             self._count(environ, status_seen, started)
             REQUEST_ID.reset(token)
+
+    def _healthy(self, environ, start_response, request_id, started):
+        start_response("204 No Content", [("X-Request-Id", request_id)])
+        if self._healthchecks is not None:
+            self._healthchecks.inc()
+        if access_log.isEnabledFor(logging.DEBUG):
+            self._log(environ, ["204"], started)
+        return []
 
     @staticmethod
     def _too_large(start):
@@ -356,7 +393,7 @@ def watch_mapping(settings, stop, interval=2.0):
 def serve(settings, app, metrics=None):
     """Run Waitress until the process is stopped; `metrics` should be the object create_app() was given."""
     event(log, "web.listening", host=settings.host, port=settings.port, threads=settings.web_threads)
-    waitress.serve(AccessLog(app, metrics), host=settings.host, port=settings.port, threads=settings.web_threads,
-                   ident="g2a-bridge", max_request_body_size=MAX_BODY_BYTES * 4, channel_timeout=30,
-                   trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
-                   clear_untrusted_proxy_headers=True)
+    httpserver.serve(AccessLog(app, metrics), host=settings.host, port=settings.port,
+                     threads=settings.web_threads, ident="g2a-bridge", trusted_proxy=TRUSTED_PROXY,
+                     trusted_proxy_count=1, trusted_proxy_headers={"x-forwarded-for"},
+                     clear_untrusted_proxy_headers=True, **SERVER_OPTIONS)

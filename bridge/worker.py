@@ -15,9 +15,10 @@ from typing import Callable
 import requests
 import schedule
 
-from . import alerts, db, pause
+from . import alerts, db, pause, stuck
 from .auth import delete_expired_tokens
-from .crypto import load_key_box
+from .budget import budgets_for
+from .crypto import open_key_box
 from .cws import CwsClient
 from .errors import BridgeError, UpstreamError
 from .fulfillment import Fulfilment
@@ -28,7 +29,6 @@ from .metrics import Metrics
 from .products import MappingWatcher
 from .reservations import expire_reservations
 from .sync import SyncEngine
-from .upstream import RequestBudget
 
 log = logging.getLogger(__name__)
 TICK = 0.5  # the loop's longest wait; the fastest jobs run every 0.5 s
@@ -238,16 +238,23 @@ class SyncFailed(BridgeError):
     """A pass that reported errors and got no write through (CWS or G2A unreachable, every write refused)."""
 
 
-def checked(sync_pass, metrics):
+def checked(sync_pass, metrics, throttling=tuple):
     """A sync pass as a job, counted in `metrics`, that fails (and so counts towards the sync_failing alert) when
-    nothing worked."""
+    nothing worked. A pass that failed while CWS or G2A answer 429 (`throttling()` names the classes) is not a
+    failure: the budget slows down and catches up, and alerts by itself if the throttle lasts (budget.py)."""
     def run(now):
         report = sync_pass(now)
         if report is None:  # a dirty pass with nothing to do
             return
         metrics.sync_pass(report)
-        if not report.succeeded:
-            raise SyncFailed(f"{report.kind} pass: {len(report.errors)} errors, first: {report.errors[0]}")
+        if report.succeeded:
+            return
+        throttled = list(throttling())
+        if throttled:
+            event(log, "sync.throttled", level=logging.WARNING, kind=report.kind, budgets=",".join(throttled),
+                  errors=len(report.errors), first=report.errors[0])
+            return
+        raise SyncFailed(f"{report.kind} pass: {len(report.errors)} errors, first: {report.errors[0]}")
     return run
 
 
@@ -256,17 +263,20 @@ def cleanup(now):
     delete_expired_tokens(now)
 
 
-def upstream_clients(settings, metrics=None):
-    """The CWS and G2A clients of one process (G2A's request budget is per client), reporting to `metrics`."""
+def upstream_clients(settings, metrics=None, role="worker"):
+    """The CWS and G2A clients of one process, spending the budgets of its `role` (budget.py), reporting to
+    `metrics`."""
     metrics = metrics or Metrics("worker")
-    cws = CwsClient(settings, observer=metrics.upstream)
-    g2a = G2aClient(settings, budget=RequestBudget(settings.g2a_requests_per_minute), observer=metrics.upstream)
+    budgets = budgets_for(settings, role)
+    cws = CwsClient(settings, budgets=budgets, observer=metrics.upstream)
+    g2a = G2aClient(settings, budgets=budgets, observer=metrics.upstream)
     metrics.watch_tokens(cws=cws, g2a=g2a)
+    metrics.watch_budgets(budgets)
     return cws, g2a
 
 
 def fulfilment_for(settings, cws):
-    return Fulfilment(settings, cws, load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url)))
+    return Fulfilment(settings, cws, open_key_box(settings))
 
 
 def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
@@ -275,14 +285,17 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
     engine = SyncEngine(settings, cws, g2a, pause_switch)
     fulfilment = fulfilment_for(settings, cws)
     webhook = requests.Session()
+    budgets = getattr(cws, "budgets", None)
+    throttling = budgets.throttling if budgets is not None else tuple
     return [
         Job("products.watch", 2.0, lambda now: watcher.poll()),
-        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics)),
-        Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics), at_start=True),
+        Job("sync.dirty", 0.5, checked(engine.dirty_pass, metrics, throttling)),
+        Job("sync.full", settings.sync_interval, checked(engine.full_pass, metrics, throttling), at_start=True),
         Job("fulfilment.poll", 0.5, fulfilment.poll_due),
         Job("fulfilment.recover", 30.0, fulfilment.recover, at_start=True),
+        Job("orders.stuck", 5.0, lambda now: stuck.alert_new(settings, now)),
         Job("cleanup", 60.0, cleanup, at_start=True),
-        Job("cws.balance", 300.0, fulfilment.check_balance, at_start=True),
+        Job("cws.balance", 10.0, fulfilment.balance.due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),
         Job("alerts.dispatch", 5.0, lambda now: alerts.dispatch_pending(settings, now, webhook)),
     ]

@@ -13,12 +13,14 @@ from decimal import Decimal
 
 import pytest
 import requests
-from conftest import DEMO, ROOT, SKYLINES, SWITCH, free_port
+from conftest import DEMO, ROOT, SKYLINES, SWITCH, free_port, write_products
 from polling import wait_for
 
-from bridge import db, status
+from bridge import db, doctor, status
+from bridge.budget import budgets_for
 from bridge.cli import COMMANDS, main
 from bridge.config import Settings
+from bridge.metrics import Metrics
 from bridge.products import MappingWatcher
 
 ORDER_IDS = iter(range(80201000000101, 80201000000999))
@@ -112,7 +114,7 @@ def test_doctor_passes_every_check_against_the_simulator(bridge_env):
     result = run_cli(bridge_env, "doctor")
     assert result.returncode == 0, result
     names = [line.split()[1] for line in result.stdout.splitlines()]
-    assert names == ["config", "database", "products", "data", "secret", "CWS", "G2A"]
+    assert names == ["config", "database", "products", "data", "secret", "CWS", "G2A", "budgets", "freshness"]
     assert all(line.startswith("ok ") for line in result.stdout.splitlines())
     assert "balance 1000" in result.stdout
 
@@ -156,7 +158,7 @@ def test_status_is_one_screen_and_exits_0_when_all_is_well(bridge_env, running):
     result = run_cli(bridge_env, "status")
     labels = [line.split("  ")[0] for line in result.stdout.splitlines()]
     assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS balance", "notifications",
-                      "alerts", "worker", "all good"]
+                      "alerts", "worker", "stuck", "budgets", "all good"]
     assert "2 in sync, 0 pending, 0 failed" in result.stdout
     assert "1000" in result.stdout
 
@@ -171,6 +173,9 @@ def test_status_json_has_every_figure(bridge_env, running):
     assert figures["worker"]["heartbeat_age_seconds"] < 10
     assert figures["last_sync"]["age_seconds"] < 30
     assert figures["attention"] == []
+    assert figures["upstream_budgets"]["cws_list"]["limit"] == 324
+    wait_for(lambda: json.loads(run_cli(bridge_env, "status", "--json").stdout)["upstream_budgets"]["cws_list"]["used"],
+             what="the worker's catalogue reads in its published budget figures")
 
 
 def test_status_exits_1_and_says_so_when_the_worker_is_not_running(bridge_env, web):
@@ -353,7 +358,7 @@ def test_status_lists_what_needs_attention(database):
     figures = status.collect(settings, now)
     assert figures["orders"]["failed"] == 1 and figures["cws_balance"]["low"]
     text = status.render(figures)
-    for needle in ("! worker is not running", "! 1 FAILED orders: g2a-bridge orders --state failed",
+    for needle in ("! worker is not running", "! 1 paid orders without keys (oldest 0 s): g2a-bridge order o1 says",
                    "! last sync pass was 5 min ago", "! CWS balance 12.50 EUR is below CWS_LOW_BALANCE 50"):
         assert needle in text
 
@@ -375,7 +380,64 @@ def test_status_reports_a_refused_products_json_until_a_good_one_is_loaded(datab
     assert figures["products_refused"] is None and figures["attention"] == []
 
 
+def test_status_shows_the_workers_budget_use_and_429s_per_class(database):
+    metrics = Metrics("worker")
+    budgets = budgets_for(Settings(), "worker", alarm=lambda *args: None)
+    metrics.watch_budgets(budgets)
+    budgets["cws_list"].acquire()
+    budgets["cws_list"].throttled(retry_after=0)
+    metrics.publish()
+    figures = status.collect(Settings(), db.utcnow())
+    assert figures["upstream_budgets"]["cws_list"] == {"used": 1, "limit": 324, "throttled": 1}
+    assert figures["upstream_budgets"]["cws_order"] == {"used": 0, "limit": None, "throttled": 0}
+    assert "cws_list 1/324 (1x429)" in status.render(figures)
+    assert figures["attention"] == ["worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)"]
+
+
 def test_status_of_an_empty_database_is_honest(database):
     figures = status.collect(Settings(), db.utcnow())
     assert figures["last_sync"] is None and figures["cws_balance"] is None and figures["worker"] is None
     assert figures["attention"] == ["worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)"]
+
+
+# ---- doctor: budgets and the freshness to expect (in-process) -------------------------------------
+
+
+def mapping_of(tmp_path, count):
+    products = [{"cws_product_id": f"00000000-0000-4000-8000-{n:012d}", "g2a_product_id": 10 ** 13 + n}
+                for n in range(count)]
+    write_products(tmp_path / "many.json", products)
+    return tmp_path / "many.json"
+
+
+@pytest.mark.parametrize("mapped, requests, warned", [(2, 1, False), (10_000, 20, False), (50_000, 100, False),
+                                                       (200_000, 400, True)])
+def test_doctor_says_how_long_a_sweep_of_the_mapped_set_takes_and_warns_past_five_minutes(
+        database, tmp_path, mapped, requests, warned):
+    settings = Settings(products_file=mapping_of(tmp_path, mapped))
+    result = doctor.check_freshness(settings, database_ok=True)
+    assert result.ok and result.warning == warned
+    assert f"{mapped} mapped products: one sweep is {requests} GET /v3/products" in result.line()
+    assert result.line().startswith("WARN" if warned else "ok  ")
+
+
+def test_the_sweep_estimate_uses_the_page_size_cws_answered_with(database, tmp_path):
+    db.put_setting(doctor.PAGE_SIZE_KEY, "100")
+    settings = Settings(products_file=mapping_of(tmp_path, 10_000))
+    assert "one sweep is 100 GET /v3/products" in doctor.check_freshness(settings, database_ok=True).detail
+    assert doctor.sweep_cost(10_000, 100, 0.5) == (100, 200.0)
+    assert doctor.sweep_cost(120, 500, 1.0) == (1, 1.0)
+
+
+def test_a_lower_list_limit_makes_doctor_warn(database, tmp_path):
+    settings = Settings(products_file=mapping_of(tmp_path, 50_000), cws_list_per_10_min=100)
+    result = doctor.check_freshness(settings, database_ok=True)
+    assert result.warning and "CWS_LIST_REQUESTS_PER_10_MIN" in result.line()
+
+
+def test_doctor_shows_the_workers_budget_use(database):
+    assert doctor.check_budgets(True).detail == "worker: unknown (the worker publishes it every 5 s)"
+    metrics = Metrics("worker")
+    metrics.watch_budgets(budgets_for(Settings(), "worker"))
+    metrics.publish()
+    assert "cws_list 0/324" in doctor.check_budgets(True).line()

@@ -311,6 +311,7 @@ def test_an_order_racing_a_release_or_a_renewal_of_its_reservation_ends_one_cons
         start_bridge, sim, fresh_db):
     web = start_bridge("web")
     sim.cws.set_quantity(SWITCH_CWS, 1000)
+    sim.cws.balance = Decimal("100000.00")  # stock, not what the balance buys, is what this test counts
     access, base = token(web.g2a.base_url), web.g2a.base_url
     sessions = [requests.Session() for _ in range(2)]
     for session in sessions:

@@ -41,7 +41,7 @@ DOCUMENTED = {
     "SYNC_INTERVAL_SECONDS": ("2.5", "sync_interval", 2.5),
     "DEFAULT_FIXED_PROFIT": ("1.25", "default_fixed_profit", Decimal("1.25")),
     "DEFAULT_G2A_FEE_PERCENTAGE": ("0.1", "default_fee", Decimal("0.1")),
-    "CWS_TARGET_CURRENCY": ("usd", "currency", "USD"),
+    "CWS_TARGET_CURRENCY": ("eur", "currency", "EUR"),
     "RESERVATION_TTL_MINUTES": ("0.05", "reservation_ttl", 3.0),
     "ORDER_INLINE_WAIT_SECONDS": ("2", "order_inline_wait", 2.0),
     "CWS_POLL_MAX_SECONDS": ("60", "cws_poll_max", 60.0),
@@ -92,8 +92,18 @@ def test_the_table_here_covers_every_variable_operator_md_documents():
 @pytest.mark.parametrize("name", sorted({**DOCUMENTED, **EXTRAS}))
 def test_each_variable_is_read_into_the_settings(env, name):
     value, attribute, expected = {**DOCUMENTED, **EXTRAS}[name]
-    assert getattr(load_settings(env), attribute) != expected
+    if name not in ONE_VALUE:
+        assert getattr(load_settings(env), attribute) != expected
     assert getattr(load_settings({**env, name: value}), attribute) == expected
+
+
+ONE_VALUE = {"CWS_TARGET_CURRENCY"}  # accepted only as its default (any spelling); anything else is refused
+
+
+def test_a_currency_other_than_eur_is_refused_rather_than_used_as_a_label(env):
+    assert problems({**env, "CWS_TARGET_CURRENCY": "gbp"}) == [
+        "CWS_TARGET_CURRENCY: only EUR is supported, got 'GBP': CWS prices carry no currency and G2A offers are "
+        "priced in EUR, so the bridge cannot convert; use a CWS account billed in EUR"]
 
 
 def test_the_defaults_are_the_documented_ones(env):

@@ -12,7 +12,8 @@ from datetime import timedelta
 from bridge import db
 from bridge.crypto import load_key_box
 from bridge.cws import CwsClient
-from bridge.fulfillment import RECOVERY_GRACE, Fulfilment
+from bridge.claims import resend_grace
+from bridge.fulfillment import Fulfilment
 from conftest import SWITCH
 from test_orders_e2e import eventually, inventory, keys_in
 
@@ -100,8 +101,8 @@ def test_a_purchase_cws_never_took_is_placed_again_once_with_the_same_id_after_t
     eventually(lambda: sim.cws.requests["GET /v3/orders"] >= 1, timeout=20)  # the worker looked...
     time.sleep(1.0)
     assert sim.cws.orders == []  # ...found nothing, and waits out the grace rather than buy blind
-    a_minute_later = db.utcnow() + timedelta(seconds=RECOVERY_GRACE + 1)  # time is a parameter (STYLE 9)
+    after_the_grace = db.utcnow() + timedelta(seconds=resend_grace(settings) + 1)  # time is a parameter (STYLE 9)
     key_box = load_key_box(settings.bridge_secret_key, db.data_dir(settings.database_url))
-    assert Fulfilment(settings, CwsClient(settings), key_box).recover(a_minute_later) == 1
+    assert Fulfilment(settings, CwsClient(settings), key_box).recover(after_the_grace) == 1
     delivered(web, sim, reservation_id, timeout=15)
     assert [order["clientOrderId"] for order in sim.cws.orders] == [CLIENT_ORDER]

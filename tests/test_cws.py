@@ -6,11 +6,13 @@ from decimal import Decimal
 
 import pytest
 import requests
+from test_upstream import Clock
 
 from bridge import cws as cws_module
+from bridge.budget import UNMETERED, budgets_for
 from bridge.config import Settings
 from bridge.cws import CwsClient, CwsCode, CwsOrder, CwsOrderProduct, CwsProductInfo, PriceTier
-from bridge.errors import OutcomeUnknown, UpstreamError
+from bridge.errors import BudgetSpent, OutcomeUnknown, UpstreamError
 
 BASE = "https://sandbox.codeswholesale.com"
 PRODUCTS = BASE + "/v3/products"
@@ -281,6 +283,34 @@ def test_find_orders_is_empty_when_our_order_is_not_there(client, requests_mock)
     assert client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc)) == []
 
 
+def history_item(order_id, client_order_id):
+    return {"orderId": order_id, "clientOrderId": client_order_id, "status": "Completed"}
+
+
+def test_find_orders_follows_history_continuation_tokens_to_an_order_on_page_two(client, requests_mock):
+    requests_mock.get(ORDERS, [{"json": {"items": [history_item("o1", "g2a-8")], "continuationToken": "t2"}},
+                               {"json": {"items": [history_item("o2", "g2a-7")], "continuationToken": None}}])
+    assert [o.order_id for o in client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))] == ["o2"]
+    assert requests_mock.last_request.qs["continuationtoken"] == ["t2"]
+
+
+@pytest.mark.parametrize("pages", [
+    [{"page": 0, "totalPages": 2}, {"page": 1, "totalPages": 2}],
+    [{"number": 0, "last": False}, {"number": 1, "last": True}],
+])
+def test_find_orders_follows_page_numbers_to_an_order_on_page_two(client, requests_mock, pages):
+    requests_mock.get(ORDERS, [{"json": {"items": [history_item("o1", "g2a-8")], **pages[0]}},
+                               {"json": {"items": [history_item("o2", "g2a-7")], **pages[1]}}])
+    assert [o.order_id for o in client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))] == ["o2"]
+    assert requests_mock.last_request.qs["page"] == ["1"]
+
+
+def test_history_paging_that_repeats_itself_is_an_error_not_a_short_list(client, requests_mock):
+    requests_mock.get(ORDERS, json={"items": [], "continuationToken": "same"})
+    with pytest.raises(UpstreamError, match="history incomplete"):
+        client.find_orders("g2a-7", datetime.datetime.now(datetime.timezone.utc))
+
+
 # --- account and token --------------------------------------------------------------------
 
 def test_the_account_balance_is_parsed_as_decimals(client, requests_mock):
@@ -306,3 +336,62 @@ def test_the_token_and_every_call_are_reported_to_the_observer(client, requests_
     requests_mock.get(BASE + "/v3/accounts/current", json={"currentBalance": 1})
     client.account()
     assert [args[1:4] for args in seen] == [("POST", "/oauth/token", 200), ("GET", "/v3/accounts/current", 200)]
+
+
+# --- budgets ------------------------------------------------------------------------------
+
+@pytest.fixture
+def metered(requests_mock):
+    """A CWS client spending the worker's budgets, on a fake clock."""
+    clock = Clock()
+    requests_mock.post(BASE + "/oauth/token", json={"access_token": "tok", "expires_in": 1158})
+    budgets = budgets_for(SETTINGS, "worker", clock=clock, sleep=clock.sleep, alarm=lambda *args: None)
+    return CwsClient(SETTINGS, budgets=budgets, sleep=clock.sleep, clock=clock), budgets, clock
+
+
+def test_each_call_spends_the_budget_of_its_endpoint_class(metered, requests_mock):
+    client, budgets, _ = metered
+    requests_mock.get(PRODUCTS, json={"items": [product()]})
+    requests_mock.get(f"{PRODUCTS}/{P1}", json=product())
+    requests_mock.get(BASE + "/v3/accounts/current", json={"currentBalance": 10})
+    requests_mock.get(ORDERS + "/o1", json=order_body())
+    list(client.products([P1]))
+    client.product(P1)
+    client.account()
+    client.order("o1")
+    use = {name: budgets[name].window_use()[0] for name in ("cws_token", "cws_list", "cws_product", "cws_other",
+                                                              UNMETERED)}
+    assert use == {"cws_token": 1, "cws_list": 1, "cws_product": 1, "cws_other": 1, UNMETERED: 1}
+
+
+def test_a_429_on_the_catalogue_waits_its_retry_after_and_slows_only_that_class(metered, requests_mock):
+    client, budgets, clock = metered
+    requests_mock.get(PRODUCTS, [{"status_code": 429, "headers": {"Retry-After": "20"}},
+                                 {"json": {"items": [product()]}}])
+    assert [p.id for p in client.products([P1])] == [P1]
+    assert 20.0 in clock.sleeps
+    assert budgets["cws_list"].throttles == 1 and budgets["cws_product"].throttles == 0
+    assert budgets["cws_list"].per_second < budgets_for(SETTINGS, "worker")["cws_list"].per_second
+
+
+def test_the_purchase_and_its_polling_go_out_while_every_read_class_is_held(metered, requests_mock):
+    client, budgets, clock = metered
+    requests_mock.post(ORDERS, json=order_body())
+    requests_mock.get(ORDERS + "/o1", json=order_body())
+    requests_mock.get(BASE + "/v3/codes/c1", json=text_code())
+    for name in ("cws_list", "cws_product", "cws_other"):
+        budgets[name].throttled(retry_after=300)
+    client.place_order("g2a-1", [(P1, 1, None)], allow_preorder=False)
+    client.order("o1")
+    client.code("c1")
+    assert clock.sleeps == []
+    assert budgets[UNMETERED].window_use() == (3, None)
+
+
+def test_a_single_product_read_that_will_not_wait_is_budget_spent(metered, requests_mock):
+    client, budgets, _ = metered
+    one = requests_mock.get(f"{PRODUCTS}/{P1}", json=product())
+    budgets["cws_product"].throttled(retry_after=60)
+    with pytest.raises(BudgetSpent):
+        client.product(P1, wait=False)
+    assert one.call_count == 0

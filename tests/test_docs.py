@@ -53,7 +53,7 @@ def test_install_sh_variables_are_documented():
         assert f"{name}" in (ROOT / "install.sh").read_text()
 
 
-def test_every_worker_job_is_in_the_worker_table():
+def test_every_worker_job_is_in_the_worker_table(database):  # the jobs check the key against a database
     jobs = build_jobs(Settings(bridge_secret_key=KEY), None, None, None, None)
     names = Worker(jobs, Lease(), None).jobs
     table = section("Commands").split("### The worker")[1]

@@ -20,6 +20,7 @@ G2A_LIMIT = 9.0  # g2a-merchant.md: G2A must get an answer within 9 s
 CACHE_ANSWER = 3.0  # a reservation waits at most ~2 s (refresh.py's budget) for CWS, then answers from the cache
 QUICK = {"CWS_TIMEOUT_MS": "1000", "CWS_RETRY_MAX": "1", "G2A_TIMEOUT_MS": "1000", "G2A_RETRY_MAX": "1"}
 G2A_ORDER = 80201000000100
+GRACE = 150  # CWS_RESEND_GRACE_SECONDS by default
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class Outage:
         if request.path.startswith("/_sim/"):
             return type(self.fake).handle(self.fake, request)
         self.dropped.append(f"{request.method} {request.path}")
-        return None, b"", self.hang
+        return None, b"", self.hang, {}
 
 
 def client_order(g2a_order_id):
@@ -237,7 +238,7 @@ def test_purchases_hit_by_cws_faults_answer_in_time_and_end_with_exactly_one_cws
     wait_for(lambda: len([line for line in events(worker, "order.recovered") if "how=adopted" in line]) == 2,
              timeout=20, what="the two purchases CWS stored being adopted")
     assert len(sim.cws.orders) == 2  # nothing bought blind while the grace runs
-    backdate_claims(fresh_db, 61)  # a minute later: a purchase CWS has no trace of is sent again, once
+    backdate_claims(fresh_db, GRACE + 1)  # a purchase CWS has no trace of is sent again, once
     for number, (name, *_) in enumerate(PURCHASE_FAULTS):
         keys = _wait_keys(g2a, orders[name], name)
         assert keys == cws_codes(sim, G2A_ORDER + number), name
@@ -271,7 +272,7 @@ def test_cws_down_during_a_purchase_answers_202_in_time_and_the_worker_buys_once
     assert g2a.slowest() < CACHE_ANSWER, g2a.calls
     assert any(f"order={order_id}" in line for line in events(web, "order.outcome_unknown"))
     assert sim.cws.orders == []
-    backdate_claims(fresh_db, 61)
+    backdate_claims(fresh_db, GRACE + 1)
     keys = _wait_keys(g2a, order_id, "the order")
     assert len(keys) == 2 and keys == cws_codes(sim, G2A_ORDER)
     assert len(sim.cws.orders) == 1

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from bridge import db, migrations, postbacks
+from bridge import claims, db, migrations, postbacks
 from bridge.contract import Line
 from bridge.crypto import KeyBox
 from bridge.cws import CwsClient, CwsCode
@@ -112,7 +112,7 @@ def test_an_instant_cws_order_answers_200_with_its_key_stored_encrypted(shop, si
 def test_the_purchase_is_sent_without_pre_orders_and_without_a_price_cap(shop, sim):
     captured = []
     original = shop.cws.place_order
-    shop.cws.place_order = lambda *args: captured.append(args) or original(*args)
+    shop.cws.place_order = lambda *args, **options: captured.append(args) or original(*args, **options)
     shop.order(SKYLINES, 3)
     assert captured[0][1:] == ([(SKYLINES_CWS, 3, None)], False)
 
@@ -152,6 +152,15 @@ def test_an_expired_reservation_is_410_and_an_unknown_one_404(shop, sim):
         shop.service.create_order("no-such-reservation", 8, db.utcnow())
     assert (expired.value.status, unknown.value.status) == (410, 404)
     assert sim.cws.orders == []
+
+
+def test_expiry_is_judged_when_the_claim_holds_the_lock_not_when_the_request_arrived(shop, sim):
+    reservation_id = shop.reserve()
+    arrived = db.utcnow()
+    with pytest.raises(ContractError) as expired:
+        claims.claim(reservation_id, 7, arrived, clock=lambda: later(shop.settings.reservation_ttl + 1))
+    assert expired.value.status == 410
+    assert claims.claim(reservation_id, 7, arrived, clock=lambda: arrived).state == db.CLAIMED
 
 
 def test_a_released_reservation_is_410(shop, sim):
@@ -276,8 +285,14 @@ def test_a_cancelled_cws_order_fails_with_an_alert_and_inventory_answers_500(sho
     assert failed.value.status == 500 and "retry" in failed.value.message
 
 
+def welcome_preorders(shop):
+    shop.settings = shop.settings.replace(cws_allow_preorder=True)
+    shop.service = shop.fulfilment()
+
+
 @pytest.mark.parametrize("mode", ["preorder", "preorder_legacy"])
 def test_pre_ordered_codes_keep_the_order_pending_past_the_poll_limit(shop, sim, mode):
+    welcome_preorders(shop)
     sim.cws.set_fulfilment(SWITCH_CWS, mode)
     status, body = shop.order()
     order = db.Order.get_by_id(body["order_id"])
@@ -290,6 +305,43 @@ def test_pre_ordered_codes_keep_the_order_pending_past_the_poll_limit(shop, sim,
     assert postbacks.handle(shop.settings, preorder_postback, later(1)) == 200
     shop.service.poll_due(later(2))
     assert state(order.id) == db.COMPLETED and len(shop.service.inventory(order.id)[0]["inventory"]) == 1
+
+
+def test_a_pre_order_we_did_not_ask_for_is_polled_like_a_fulfilling_order_until_the_poll_limit(shop, sim):
+    sim.cws.set_fulfilment(SWITCH_CWS, "late_preorder")
+    sim.cws.preorder_seconds = 10_000
+    _, body = shop.order()
+    order = db.Order.get_by_id(body["order_id"])
+    assert order.state == db.PREORDER and (order.next_check_at - order.updated_at).total_seconds() <= 10
+    shop.service.poll_due(later(shop.settings.cws_poll_max + 10))
+    order = db.Order.get_by_id(order.id)
+    assert order.state == db.PREORDER and (order.next_check_at - order.updated_at).total_seconds() == 300
+    assert shop.alerts("order_failed") == []  # CWS charged and the key will come: never failed
+
+
+def test_a_preorder_postback_naming_only_the_placeholder_code_checks_the_order_now(shop, sim):
+    welcome_preorders(shop)
+    sim.cws.set_fulfilment(SWITCH_CWS, "preorder")
+    _, body = shop.order()
+    order = db.Order.get_by_id(body["order_id"])
+    (placeholder,) = shop.cws_orders(order.id)[0]["products"][0]["codes"]
+    assert db.OrderItem.get(db.OrderItem.order == order.id).preorder_code_id == placeholder["codeId"]
+    sim.cws.complete_order(order.cws_order_id)
+    postback = json.dumps(sim.cws.postback("PREORDER", codeId=placeholder["codeId"]))
+    assert postbacks.handle(shop.settings, postback, later(1)) == 200
+    shop.service.poll_due(later(2))
+    assert state(order.id) == db.COMPLETED
+
+
+def test_bundle_codes_arriving_in_steps_are_stored_only_as_whole_bundles():
+    class Item:
+        def __init__(self):
+            self.cws_code_id, self.state, self.preorder_code_id = None, "pending", None
+    first = [CwsCode("c0", "text", "KEY-0", ""), CwsCode("c1", "preorder", "", ""),
+             CwsCode("c2", "text", "KEY-2", ""), CwsCode("c3", "text", "KEY-3", "")]
+    pairs = assignments([Item(), Item()], first)
+    assert [[c.code_id for c in group] for _, group in pairs] == [["c0", "c1"], ["c2", "c3"]]
+    assert [all(c.value for c in group) for _, group in pairs] == [False, True]  # unit 1 waits for c1
 
 
 def test_an_image_code_becomes_a_file_item_fetched_from_the_file_endpoint(shop, sim):
@@ -349,6 +401,26 @@ def test_a_failed_order_gives_its_stock_back(shop, sim):
     assert body["stock"][0]["inventory_size"] == 8
 
 
+def test_a_low_balance_is_read_every_30_s_so_selling_resumes_soon_after_a_top_up(shop, sim):
+    sim.cws.balance = Decimal("0.00")
+    assert shop.service.balance.due(db.utcnow()) == 0  # never read: read now
+    sim.cws.balance = Decimal("1000.00")
+    assert shop.service.balance.due(later(10)) is None
+    assert shop.service.balance.due(later(31)) == Decimal("1000.00")
+    assert shop.service.balance.due(later(60)) is None  # no longer low: every 5 min
+    assert shop.service.balance.due(later(301)) == Decimal("1000.00")
+
+
+def test_a_purchase_refused_for_balance_marks_the_balance_spent_until_it_is_read_again(shop, sim):
+    shop.service.balance.check(db.utcnow())
+    sim.cws.set_fulfilment(SWITCH_CWS, "balance")
+    shop.service.balance._background = lambda work, *args: None  # the re-read it queues has not run yet
+    shop.order()
+    with pytest.raises(ContractError) as refused:
+        shop.reserve(SKYLINES, 1)
+    assert refused.value.extra["stock"] == [{"product_id": SKYLINES, "inventory_size": 0}]
+
+
 # --- retry ---------------------------------------------------------------------------------------
 
 def test_retry_of_a_refused_purchase_buys_once_after_the_cause_is_fixed(shop, sim):
@@ -375,8 +447,19 @@ def test_retry_refuses_unknown_and_unfailed_orders_with_one_line(shop, sim):
     _, body = shop.order()
     with pytest.raises(BridgeError, match="not found"):
         shop.service.retry("nope", db.utcnow())
-    with pytest.raises(BridgeError, match="is completed, not failed"):
+    with pytest.raises(BridgeError, match="is completed, not failed or stuck"):
         shop.service.retry(body["order_id"], db.utcnow())
+
+
+def test_retry_of_a_claim_whose_history_is_unreadable_says_so_and_sends_nothing(shop, sim):
+    sim.cws.fail_next("/v3/orders", 503)
+    _, body = shop.order()
+    sim.cws.history_status = 500
+    with pytest.raises(BridgeError, match="history is unreachable; nothing was sent"):
+        shop.service.retry(body["order_id"], later(600))
+    sim.cws.history_status = None
+    assert "completed" in shop.service.retry(body["order_id"], later(600))
+    assert len(shop.cws_orders(body["order_id"])) == 1
 
 
 # --- unknown outcomes and crash recovery ---------------------------------------------------------
@@ -397,9 +480,9 @@ def test_a_purchase_cws_never_received_is_sent_again_with_the_same_id_only_after
     _, body = shop.order()
     assert state(body["order_id"]) == db.CLAIMED and sim.cws.orders == []
     placed_at = db.Order.get_by_id(body["order_id"]).placed_at
-    shop.service.recover(placed_at + timedelta(seconds=30))
+    shop.service.recover(placed_at + timedelta(seconds=shop.settings.cws_resend_grace - 1))
     assert sim.cws.orders == [] and sim.cws.requests["GET /v3/orders"] == 1
-    shop.service.recover(placed_at + timedelta(seconds=61))
+    shop.service.recover(placed_at + timedelta(seconds=shop.settings.cws_resend_grace + 1))
     assert state(body["order_id"]) == db.COMPLETED
     assert [o["clientOrderId"] for o in sim.cws.orders] == [db.Order.get_by_id(body["order_id"]).cws_client_order_id]
 
@@ -416,7 +499,8 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     sim.cws.fail_next("/v3/orders", 503)
     _, body = shop.order()
     sim.cws.delay = 0.3  # both read the claim and search CWS's history before either sends
-    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(61),)) for _ in range(2)]
+    grace = shop.service.recovery_grace
+    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(grace + 1),)) for _ in range(2)]
     for thread in recoverers:
         thread.start()
     for thread in recoverers:
@@ -425,9 +509,32 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     assert len(sim.cws.orders) == 1 and state(body["order_id"]) == db.COMPLETED
 
 
-def test_the_grace_never_drops_below_the_longest_possible_purchase_call(settings, shop):
-    slow = settings.replace(cws_timeout=30.0)
-    assert Fulfilment(slow, shop.cws, shop.box, recovery_grace=1).recovery_grace == 180.0
+def test_the_grace_is_cws_resend_grace_seconds_and_never_below_the_longest_possible_purchase_call(settings, shop):
+    assert shop.service.recovery_grace == 150.0
+    assert Fulfilment(settings.replace(cws_resend_grace=90.0), shop.cws, shop.box).recovery_grace == 90.0
+    slow = settings.replace(cws_timeout=30.0, cws_resend_grace=1.0)
+    assert Fulfilment(slow, shop.cws, shop.box).recovery_grace == 180.0
+
+
+class Ticking(Clock):
+    """Monotonic time that moves 5 s at every reading."""
+
+    def __call__(self):
+        self.seconds += 5
+        return self.seconds
+
+
+def test_a_purchase_resent_after_a_401_counts_its_grace_from_the_resend(shop, sim):
+    sim.cws.fail_next("/v3/orders", 401, 500)  # the token is refused; the re-send's answer is lost
+    service = Fulfilment(shop.settings, shop.cws, shop.box, sleep=shop.clock.sleep, clock=Ticking(),
+                         background=lambda work, *args: None)
+    now = db.utcnow()
+    claim = claims.claim(shop.reserve(), 555, now)
+    service._place(claim, now)  # the purchase thread's work, on this thread
+    order = db.Order.get_by_id(claim.id)
+    assert order.state == db.CLAIMED and sim.cws.requests["POST /v3/orders"] == 2
+    # clock readings: sent, first POST (+5 s), re-send (+10 s): the grace counts from the re-send
+    assert order.placed_at == now + timedelta(seconds=10)
 
 
 def test_due_claims_are_resolved_by_the_regular_poll_too(shop, sim):
@@ -460,6 +567,19 @@ def test_an_order_bigger_than_the_pool_buys_only_the_rest(shop, sim):
     status, second = shop.order(SKYLINES, 3)
     assert status == 200 and len(keys_of(second)) == 3
     assert shop.cws_orders(second["order_id"])[0]["products"][0]["codes"].__len__() == 2
+
+
+def test_a_retried_refused_order_takes_returned_keys_first_and_buys_only_the_rest(shop, sim):
+    _, first = shop.order(SKYLINES, 1)
+    shop.service.return_items(first["order_id"], [keys_of(first)[0]["id"]], db.utcnow())
+    sim.cws.set_fulfilment(SKYLINES_CWS, "balance")
+    _, refused = shop.order(SKYLINES, 2)
+    assert state(refused["order_id"]) == db.FAILED
+    assert db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count() == 1  # given back at once
+    sim.cws.set_fulfilment(SKYLINES_CWS, "instant")
+    assert "completed" in shop.service.retry(refused["order_id"], db.utcnow())
+    assert [len(o["products"][0]["codes"]) for o in shop.cws_orders(refused["order_id"])] == [1]
+    assert db.PooledKey.select().where(db.PooledKey.taken_by.is_null()).count() == 0
 
 
 def test_returning_unknown_or_keyless_items_is_refused(shop, sim):
@@ -522,7 +642,7 @@ def test_the_balance_is_stored_after_a_purchase_and_alerts_when_low(shop, sim):
     shop.order()
     assert Decimal(db.get_setting("cws.balance")) == Decimal("994.70")
     sim.cws.balance = Decimal("12.00")
-    assert shop.service.check_balance(db.utcnow()) == Decimal("12.00")
+    assert shop.service.balance.check(db.utcnow()) == Decimal("12.00")
     assert "12.00" in shop.alerts("low_balance")[0]
 
 

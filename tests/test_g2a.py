@@ -8,7 +8,7 @@ import requests_mock
 from bridge.config import Settings
 from bridge.errors import UpstreamError
 from bridge.g2a import G2aClient, Offer
-from bridge.upstream import RequestBudget
+from bridge.budget import Budget, Budgets
 
 BASE = "https://api.g2a.com"
 TOKEN = {"access_token": "t1", "token_type": "bearer", "expires_in": 3600}
@@ -218,10 +218,10 @@ def test_an_unknown_product_has_no_price_limit(client, http):
     assert client.price_limit(77) is None
 
 
-def test_the_shared_budget_counts_every_request(clock, http):
-    budget = RequestBudget(3, clock=clock, sleep=clock.sleep)
+def test_the_g2a_budget_counts_every_request_the_token_included(clock, http):
+    budgets = Budgets("worker", {"g2a": Budget("g2a", 3, 60, clock=clock, sleep=clock.sleep)})
     settings = Settings(g2a_api_key="key", g2a_api_secret="secret", g2a_base_url=BASE)
-    client = G2aClient(settings, budget=budget, sleep=clock.sleep, clock=clock)
+    client = G2aClient(settings, budgets=budgets, sleep=clock.sleep, clock=clock)
     http.patch(f"{BASE}/v3/sales/offers/o1", json=JOB)
     for _ in range(3):
         client.update_offer("o1", stock=1)

@@ -158,9 +158,9 @@ def test_the_units_point_at_the_prefix(install):
     for unit in UNITS:
         text = (install.unit_dir / unit).read_text()
         command = "web" if "web" in unit else "worker"
-        assert f"ExecStart={install.code}/.venv/bin/python -m bridge {command}\n" in text
+        assert f"ExecStart={install.code}/.venv/bin/python -P -m bridge {command}\n" in text
         assert f"Environment=ENV_FILE={install.env_file}\n" in text
-        assert f"WorkingDirectory={install.data}\n" in text
+        assert "WorkingDirectory=/\n" in text
         assert f"ReadWritePaths={install.data}\n" in text
         # Every path in the unit was moved under the prefix.
         for line in text.splitlines():
@@ -172,9 +172,33 @@ def test_the_wrapper_is_executable_and_hands_the_env_file_to_python(install):
     assert os.access(install.wrapper, os.X_OK)
     text = install.wrapper.read_text()
     assert f"ENV_FILE='{install.env_file}'" in text
-    assert f'exec "{install.venv_python}" -m bridge "$@"' in text
+    assert f'exec "{install.venv_python}" -P -m bridge "$@"' in text
     # CWS secrets contain "$": the file must never be sourced by a shell.
     assert not re.search(r"^\s*(\.|source)\s", text, re.M)
+
+
+def test_code_planted_in_the_data_folder_is_never_imported_by_the_wrapper(install):
+    """The service user can write the data folder; the wrapper runs as root. Python must import nothing from it."""
+    marker = install.prefix / "planted-code-ran"
+    planted = {"bridge/__main__.py": "", "bridge/__init__.py": "", "argparse.py": "", "dotenv.py": ""}
+    for name in planted:
+        (install.data / name).parent.mkdir(exist_ok=True)
+        (install.data / name).write_text(f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n")
+    try:
+        result = subprocess.run([str(install.wrapper), "credentials"], cwd=install.data,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(install.data / "bridge")
+        for name in ("argparse.py", "dotenv.py"):
+            (install.data / name).unlink()
+    assert not marker.exists(), marker.read_text()
+    assert result.returncode == 0 and "OUR_API_CLIENT_SECRET=" in result.stdout, result.stderr
+
+
+def test_the_wrapper_starts_python_in_safe_path_mode_outside_the_data_folder(install):
+    text = install.wrapper.read_text()
+    assert "\ncd / " in text and f'cd "{install.data}"' not in text
+    assert re.findall(r'"\S+/python"( -P)? -m bridge', text) == [" -P", " -P"]
 
 
 def test_a_second_run_keeps_config_and_data(install):
@@ -260,8 +284,9 @@ def unit_settings(unit, folder=REPO / "systemd"):
 def test_each_unit_runs_its_command_as_the_service_user_with_the_installed_config(unit):
     service = {key: values for (section, key), values in unit_settings(unit).items() if section == "Service"}
     command = "web" if "web" in unit else "worker"
-    assert service["ExecStart"] == [f"/opt/g2a-bridge/.venv/bin/python -m bridge {command}"]
-    assert service["WorkingDirectory"] == ["/var/lib/g2a-bridge"]
+    # Safe path mode, started in a folder the service user cannot write: nothing in the data folder is imported.
+    assert service["ExecStart"] == [f"/opt/g2a-bridge/.venv/bin/python -P -m bridge {command}"]
+    assert service["WorkingDirectory"] == ["/"]
     # bridge.env is read by the bridge (python-dotenv), never by systemd, and is the only source of settings.
     assert "EnvironmentFile" not in service
     assert "ENV_FILE=/etc/g2a-bridge/bridge.env" in service["Environment"]

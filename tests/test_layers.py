@@ -7,12 +7,12 @@ import pytest
 
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
-    0: {"errors", "log", "config", "db", "migrations"},
-    1: {"upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
+    0: {"errors", "log", "config", "db", "writelock", "migrations"},
+    1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "sync", "postbacks",
-        "refresh", "doctor", "status", "metrics", "report"},
-    3: {"web", "worker", "cli", "demo", "__main__", "__init__"},
+        "refresh", "doctor", "status", "metrics", "report", "stuck", "balance"},
+    3: {"web", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},
 }
 SIMULATOR = "sim"  # the package bridge/sim/: a side module, imported only by entry points
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -1,7 +1,10 @@
 """Logs as journald gets them: the real web and worker, a whole sale driven through them, and not one secret or
 key in the output; JSON lines parse; LOG_LEVEL is obeyed; noisy libraries are held down."""
+import http.client
 import json
 import logging
+import re
+import sys
 
 import pytest
 import requests
@@ -97,3 +100,57 @@ def test_noisy_libraries_stay_quiet_even_at_debug():
         root.setLevel(level)
         for name in ("waitress.queue", "urllib3", "requests", "peewee"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+# ---- control bytes from callers never reach the terminal reading the log ---------------------------------------------
+
+HOSTILE_PATHS = ["/%1b[2J%1b[31mfake-alert%07", "/oauth/token%00nul", "/x%7fdel%c2%9bcsi", "/a%0aINFO%20forged%20line",
+                 "/bidi%e2%80%aecod.exe", "/health%09tab"]
+RAW_CONTROL = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9\xaa-\xae]")
+
+
+def send_raw(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_control_characters_in_unauthenticated_requests_are_escaped_in_the_log(start_bridge, fmt):
+    web = start_bridge("web", LOG_FORMAT=fmt)
+    for path in HOSTILE_PATHS:
+        send_raw(int(web.env["PORT"]), path)
+    web.stop()
+    raw = web.log_path.read_bytes()
+    assert RAW_CONTROL.findall(raw) == []
+    assert raw.count(b"fake-alert") == 1
+    assert not [line for line in raw.splitlines() if b"forged" in line and b"path" not in line]
+    if fmt == "json":
+        paths = [json.loads(line).get("path") for line in raw.decode().splitlines()]
+        assert "/\x1b[2J\x1b[31mfake-alert\x07" in paths  # escaped, yet exactly what was asked
+
+
+def unhandled_record(path):
+    try:
+        raise ValueError(f"bad id {path}")
+    except ValueError:
+        record = logging.LogRecord("bridge.web", logging.ERROR, __file__, 1, "web.unhandled %s %s",
+                                   ("GET", path), sys.exc_info())
+    record.event_fields = {"path": path}
+    return record
+
+
+@pytest.mark.parametrize("formatter", [logsetup.TextFormatter(logsetup.Masker()),
+                                       logsetup.JsonFormatter(logsetup.Masker())], ids=["text", "json"])
+def test_the_unhandled_error_line_escapes_every_unprintable_character(formatter):
+    nasty = "/\x1b]0;owned\x07\x00\x7f\x9b\u2028\u202e\U000e0041x\ty"
+    line = formatter.format(unhandled_record(nasty))
+    assert all(char.isprintable() for char in line), repr(line)
+    assert "web.unhandled GET" in line and "ValueError" in line
+    if isinstance(formatter, logsetup.JsonFormatter):
+        record = json.loads(line)
+        assert record["path"] == nasty and record["msg"] == f"web.unhandled GET {nasty}"
+        assert record["error"].startswith(f"ValueError: bad id {nasty} at ")

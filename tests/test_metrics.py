@@ -133,3 +133,19 @@ def test_every_metric_is_in_the_readme(database):
     names = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
     section = (ROOT / "README.md").read_text().split("\n## Observability\n")[1].split("\n## ")[0]
     assert len(names) > 20 and [name for name in names if f"`{name}" not in section] == []
+
+
+def test_budget_use_and_429s_per_endpoint_class_are_shown_for_each_process(shop, sim):
+    sim.cws.fail_next("/v3/products", 429)
+    def listed():
+        samples = scrape(shop.g2a)
+        return value(samples, "g2a_bridge_upstream_throttled_total", process="worker", **{"class": "cws_list"}) == 1
+    wait_for(listed, timeout=20, what="the worker's 429 in /metrics")
+    samples = scrape(shop.g2a)
+    worker, web = {"process": "worker"}, {"process": "web"}
+    assert value(samples, "g2a_bridge_upstream_budget_used", **worker, **{"class": "cws_list"}) >= 2
+    assert value(samples, "g2a_bridge_upstream_budget_limit", **worker, **{"class": "cws_list"}) == 324
+    assert value(samples, "g2a_bridge_upstream_budget_limit", **web, **{"class": "cws_product"}) == 243
+    assert value(samples, "g2a_bridge_upstream_budget_limit", **web, **{"class": "cws_list"}) == 0
+    assert value(samples, "g2a_bridge_upstream_budget_used", **worker, **{"class": "g2a"}) >= 1
+    assert value(samples, "g2a_bridge_upstream_throttled_total", **web, **{"class": "cws_product"}) == 0

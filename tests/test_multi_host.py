@@ -1,14 +1,18 @@
 """More than one machine, as README "Running on more than one machine" sets it up: two web processes and two
 workers on one PostgreSQL database, sharing BRIDGE_SECRET_KEY. No oversell across webs, one CWS purchase per
 order whichever web took it, keys readable from either web, and the standby worker finishing what the active
-one left when it is killed."""
+one left when it is killed; a host with another BRIDGE_SECRET_KEY is refused."""
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from cryptography.fernet import Fernet
 
-from conftest import G2A, SWITCH, free_port
+from conftest import G2A, ROOT, SWITCH, free_port
 from test_orders_e2e import SWITCH_CWS, eventually, keys_in
 
 BACKENDS = ("postgresql",)
@@ -75,3 +79,11 @@ def test_the_standby_worker_finishes_the_order_the_killed_active_worker_was_poll
     assert len(keys) == 1 and "worker.active" in standby.logs()
     assert time.monotonic() - killed_at < 45  # the lease lasts 30 s; then the standby polls at once
     assert len(sim.cws.orders_for_client_id(f"g2a-{FIRST_ORDER}")) == 1
+
+
+def test_a_third_web_with_another_secret_key_refuses_to_start_beside_the_two(two_hosts, bridge_env):
+    other_key = Fernet.generate_key().decode()  # a valid key, just not the one the database was set up with
+    result = subprocess.run([sys.executable, "-m", "bridge", "web"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], **bridge_env, "PORT": str(free_port()),
+                                 "BRIDGE_SECRET_KEY": other_key}, timeout=60)
+    assert result.returncode == 2 and "error: BRIDGE_SECRET_KEY: " in result.stderr, result.stderr

@@ -70,11 +70,12 @@ def test_a_product_update_marks_it_dirty(database):
     assert dirty()[A] == NOW
 
 
-def test_a_hidden_product_has_no_stock_at_once(database):
+def test_a_hidden_product_postback_only_marks_the_product_to_re_read(database):
+    """The authHash never changes, so a captured PRODUCT_HIDDEN could be replayed forever: it must not delist."""
     db.CwsProduct.update(quantity=8).execute()
     post({"type": "PRODUCT_HIDDEN", "authHash": AUTH_HASH, "productId": A})
     product = db.CwsProduct.get_by_id(A)
-    assert (product.listed, product.quantity, product.dirty_since) == (False, 0, NOW)
+    assert (product.listed, product.quantity, product.dirty_since) == (True, 8, NOW)
 
 
 def make_order(cws_order_id=None):
@@ -152,3 +153,26 @@ def test_a_stock_postback_reaches_the_g2a_offer_through_the_dirty_pass(tmp_path)
         with pytest.raises(ContractError):
             handle(settings, sim.cws.postback("STOCK", valid=False, productId=B), db.utcnow())
         assert engine.dirty_pass() is None
+
+
+def test_replayed_hidden_postbacks_leave_a_product_cws_still_sells_on_sale_and_cws_confirming_takes_it_off(tmp_path):
+    with Simulator() as sim:
+        open_database(f"sqlite:///{tmp_path}/bridge.db")
+        sim.cws.add_product(A, 5, [(1, None, "5.00")])
+        sim.g2a.add_offer(1, "6.48", 5, active=True)
+        apply_mapping([Mapping(A, 1, D("0.5"), D("0.15"))])
+        settings = SETTINGS.replace(cws_client_secret=CWS_CLIENT_SECRET, cws_base_url=sim.cws_url,
+                                    g2a_api_key=G2A_API_KEY, g2a_api_secret=G2A_API_SECRET, g2a_base_url=sim.g2a_url)
+        engine = SyncEngine(settings, CwsClient(settings), G2aClient(settings, job_poll_interval=0.005),
+                            PauseSwitch(max_age=0))
+        engine.full_pass()
+        hidden = sim.cws.postback("PRODUCT_HIDDEN", productId=A)
+        for _ in range(3):
+            assert handle(settings, hidden, db.utcnow()) == 200
+            engine.dirty_pass()
+        assert sim.g2a.patches == [] and sim.g2a.offer_for_product("1")["active"]
+        assert (db.CwsProduct.get_by_id(A).listed, db.CwsProduct.get_by_id(A).quantity) == (True, 5)
+        sim.cws.remove_product(A)
+        assert handle(settings, hidden, db.utcnow()) == 200
+        engine.dirty_pass()
+        assert not sim.g2a.offer_for_product("1")["active"]

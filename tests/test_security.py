@@ -21,8 +21,8 @@ from conftest import OUR_ID, OUR_SECRET, SECRET_KEY, SKYLINES, SWITCH
 from polling import wait_for
 
 from bridge import alerts, db, postbacks
-from bridge.auth import TokenStore, client_matches, token_hash
-from bridge.config import CWS_HOSTS, G2A_HOSTS, Settings
+from bridge.auth import TokenStore, client_scope, token_hash
+from bridge.config import CWS_HOSTS, G2A_HOSTS, Settings, outbound_url_problem
 from bridge.cws import CwsClient
 from bridge.errors import ConfigError, ContractError
 from bridge.g2a import G2aClient
@@ -107,7 +107,7 @@ def compare_spy(monkeypatch):
 ])
 def test_credentials_are_compared_in_constant_time_against_every_pair_with_no_early_exit(
         compare_spy, client_id, client_secret, expected):
-    assert client_matches(PAIRS, client_id, client_secret) is expected
+    assert (client_scope(PAIRS, client_id, client_secret) == "contract") is expected
     # id and secret of each of the three pairs, even when the first pair already matched
     assert len(compare_spy) == 6
     assert {b for _, b in compare_spy} == {value.encode() for pair in PAIRS.api_clients() for value in pair}
@@ -238,6 +238,42 @@ def test_the_real_clients_refuse_a_base_url_off_their_allow_list_even_past_confi
     """Settings built in code skip load_settings' checks; the clients check again."""
     with pytest.raises(ConfigError):
         client(Settings(**{field: url}))
+
+
+TRICKY_URLS = [
+    "https://evil.example\\@api.codeswholesale.com",  # urlsplit sees codeswholesale.com, requests goes to evil.example
+    "https://evil.example%2f@api.codeswholesale.com",
+    "https://api.codeswholesale.com:443@evil.example",
+    "https://user:pw@api.codeswholesale.com",
+    "https://evil.example#@api.codeswholesale.com",
+    "https://evil.example?@api.codeswholesale.com",
+    "https://evil.example\t.codeswholesale.com",
+    "https://evil.example .codeswholesale.com",
+    "https://evil.example%00.codeswholesale.com",
+    "https://evil.example\x00.codeswholesale.com",
+    "https://evil%2eexample.codeswholesale.com",
+    "https://api.codeswholesale.com\\.evil.example",
+    "https://\u0430pi.codeswholesale.com.evil.example",
+    "https:\\\\evil.example\\api.codeswholesale.com",
+    "http://127.0.0.1\\@evil.example",
+]
+
+
+@pytest.mark.parametrize("url", TRICKY_URLS)
+def test_a_url_that_parsers_could_read_differently_is_refused(url):
+    assert outbound_url_problem(url, CWS_HOSTS) is not None
+    assert outbound_url_problem(url, None) is not None  # the alert webhook, any https host
+    with pytest.raises(ConfigError):
+        CwsClient(Settings(cws_base_url=url))
+    with pytest.raises(ConfigError):
+        G2aClient(Settings(g2a_base_url=url.replace("codeswholesale", "g2a")))
+
+
+@pytest.mark.parametrize("url", ["https://api.codeswholesale.com", "https://sandbox.codeswholesale.com/v3",
+                                 "https://API.CodesWholesale.com", "http://127.0.0.1:8081", "http://[::1]:81",
+                                 "http://localhost:9/x"])
+def test_plain_urls_on_the_allowed_hosts_still_pass(url):
+    assert outbound_url_problem(url, CWS_HOSTS) is None
 
 
 def test_the_allow_lists_are_the_documented_hosts():

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY,
-                              G2A_API_SECRET, Simulator)
+                              G2A_API_SECRET, FakeCws, Simulator)
 
 ROOT = Path(__file__).resolve().parent.parent
 SWITCH = "466c805b-ead1-4851-bc4f-9eda242550ad"
@@ -345,6 +345,44 @@ def test_order_history_filters_on_the_created_date_inclusively(sim):
     assert get(session, "/v3/orders", params={"startFrom": "yesterday"}).status_code == 400
 
 
+def test_short_mode_completes_with_fewer_codes_than_ordered(sim):
+    sim.cws.set_fulfilment(SWITCH, "short")
+    body = order(cws(sim), quantity=3).json()
+    assert body["status"] == "Completed" and len(codes_of(body)) == 2
+
+
+def test_late_preorder_hands_out_a_placeholder_despite_allow_preorder_false_and_fills_it_later(sim):
+    sim.cws.now = clock = Clock()
+    sim.cws.set_fulfilment(SWITCH, "late_preorder")
+    sim.cws.preorder_seconds = 3
+    session = cws(sim)
+    created = order(session).json()
+    (code,) = codes_of(created)
+    assert (code["codeType"], code["code"]) == ("CODE_PREORDER", "")
+    clock.advance(seconds=3)
+    (filled,) = codes_of(get(session, f"/v3/orders/{created['orderId']}").json())
+    assert filled["codeId"] == code["codeId"] and filled["code"].startswith("SIM-")
+
+
+@pytest.mark.parametrize("paging", ["token", "page"])
+def test_order_history_pages_and_lags_and_fails_on_request(sim, paging):
+    sim.cws.now = clock = Clock()
+    session = cws(sim)
+    for n in range(3):
+        order(session, client_id=f"g2a-{n}")
+    sim.cws.history_lag = 60
+    assert get(session, "/v3/orders").json()["items"] == []
+    clock.advance(seconds=60)
+    sim.cws.history_page_size, sim.cws.history_paging = 2, paging
+    first = get(session, "/v3/orders").json()
+    following = {"continuationToken": first.get("continuationToken")} if paging == "token" else {"page": 1}
+    second = get(session, "/v3/orders", params=following).json()
+    assert [item["clientOrderId"] for item in first["items"] + second["items"]] == ["g2a-0", "g2a-1", "g2a-2"]
+    assert second.get("continuationToken") is None and second.get("totalPages", 2) == 2
+    sim.cws.history_status = 500
+    assert get(session, "/v3/orders").status_code == 500
+
+
 def test_unknown_codes_and_orders_are_404(sim):
     session = cws(sim)
     code = get(session, f"/v3/codes/{uuid.uuid4()}")
@@ -475,6 +513,74 @@ def test_control_routes_drive_the_fake_without_auth_or_counting(sim):
     assert requests.delete(f"{base}/products/{new_id}", timeout=5).status_code == 200
     assert len(requests.get(f"{base}/orders", timeout=5).json()["items"]) == 1
     assert not any("/_sim" in key for key in sim.cws.requests)
+
+
+# ---- CWS: rate limits (cws.md §5.3, opt-in) ------------------------------------------------------
+
+def test_rate_limits_are_off_by_default_but_requests_are_counted_per_class(sim):
+    session = cws(sim)
+    for _ in range(30):
+        assert get(session, f"/v3/products/{SWITCH}").status_code == 200
+    get(session, "/v3/products")
+    get(session, "/v3/accounts/current")
+    counts = sim.cws.limits.counts()
+    assert counts["requests"] == {"token": 1, "product": 30, "list": 1, "other": 1}
+    assert counts["throttled"] == {} and counts["limits"] == {}
+
+
+def test_enforced_limits_answer_429_with_retry_after_beyond_the_window_per_class(sim):
+    sim.cws.limits.enforce({"product": (3, 60.0), "list": (1, 600.0)})
+    session = cws(sim)
+    answers = [get(session, f"/v3/products/{SWITCH}") for _ in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+    assert 1 <= int(answers[3].headers["Retry-After"]) <= 60
+    assert answers[3].json()["code"] == 429
+    assert get(session, "/v3/products").status_code == 200  # its own window
+    assert get(session, "/v3/products").status_code == 429
+    assert sim.cws.limits.counts()["throttled"] == {"product": 2, "list": 1}
+
+
+def test_the_window_slides(sim):
+    now = [100.0]
+    sim.cws.limits.clock = lambda: now[0]
+    sim.cws.limits.enforce({"product": (2, 10.0)})
+    session = cws(sim)
+    get(session, f"/v3/products/{SWITCH}")
+    now[0] += 6
+    get(session, f"/v3/products/{SWITCH}")
+    assert get(session, f"/v3/products/{SWITCH}").status_code == 429
+    now[0] += 4.5  # the first left the window
+    assert get(session, f"/v3/products/{SWITCH}").status_code == 200
+    assert get(session, f"/v3/products/{SWITCH}").status_code == 429
+
+
+def test_the_default_limits_are_those_of_section_5_3_and_retry_after_can_be_left_out(sim):
+    sim.cws.limits.enforce(retry_after=False)
+    assert sim.cws.limits.counts()["limits"] == {"token": [50, 300.0], "list": [400, 600.0], "product": [600, 300.0]}
+    for _ in range(50):
+        cws_token(sim)
+    refused = cws_token(sim)
+    assert refused.status_code == 429 and "Retry-After" not in refused.headers
+
+
+def test_a_throttle_answers_429_to_its_class_for_a_while_through_the_control_route(sim):
+    session = cws(sim)
+    control = requests.post(f"{sim.cws_url}/_sim/limits", json={"throttle": {"list": 30}}, timeout=5)
+    assert control.status_code == 200
+    listed = get(session, "/v3/products")
+    assert listed.status_code == 429 and 29 <= int(listed.headers["Retry-After"]) <= 30
+    assert get(session, f"/v3/products/{SWITCH}").status_code == 200
+    counts = requests.get(f"{sim.cws_url}/_sim/limits", timeout=5).json()
+    assert counts["throttled"] == {"list": 1} and counts["requests"]["list"] == 1
+
+
+def test_limits_can_be_set_through_the_control_route_and_the_constructor(sim):
+    body = {"enforce": {"product": [1, 300]}, "retry_after": False}
+    assert requests.post(f"{sim.cws_url}/_sim/limits", json=body, timeout=5).json()["limits"] == {
+        "product": [1, 300]}
+    requests.post(f"{sim.cws_url}/_sim/limits", json={"enforce": False}, timeout=5)
+    assert sim.cws.limits.counts()["limits"] == {}
+    assert FakeCws(rate_limits={"list": (5, 60)}, retry_after=False).limits.counts()["limits"] == {"list": [5, 60]}
 
 
 # ---- G2A --------------------------------------------------------------------------------------

@@ -68,6 +68,14 @@ def test_max_stock_caps_what_g2a_sees():
     assert decide(available=50, max_stock=4).stock == 4
 
 
+def test_the_known_cws_balance_caps_the_stock_and_below_one_key_deactivates():
+    assert decide(balance=D("12.00")).stock == 2  # two keys at 5.00
+    change = decide(balance=D("4.99"))
+    assert (change.stock, change.active) == (0, False)
+    assert str(change) == "1 stock 10 -> 0, deactivate (CWS balance 4.99 cannot pay for one key: top up the CWS account)"
+    assert decide(balance=D("50.00")) is None and decide(balance=None) is None
+
+
 @pytest.mark.parametrize("fields, reason", [
     ({"mapped": False}, "removed from products.json"),
     ({"enabled": False}, "disabled in products.json"),

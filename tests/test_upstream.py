@@ -6,9 +6,9 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from bridge.config import CWS_HOSTS, G2A_HOSTS
-from bridge.errors import ConfigError, OutcomeUnknown, UpstreamError
-from bridge.upstream import (BACKOFF_CAP, RequestBudget, TokenCache, Upstream, error_details,
-                             fetch_client_token)
+from bridge.budget import Budget, Budgets
+from bridge.errors import BudgetSpent, ConfigError, OutcomeUnknown, UpstreamError
+from bridge.upstream import BACKOFF_CAP, TokenCache, Upstream, error_details, fetch_client_token
 
 BASE = "https://api.codeswholesale.com"
 TOKEN_URL = BASE + "/oauth/token"
@@ -380,25 +380,111 @@ def test_a_failing_observer_does_not_fail_the_call(requests_mock):
     assert upstream.request("GET", "/v3/items") == {"ok": 1}
 
 
-# --- budget -------------------------------------------------------------------------------
+# --- budgets ------------------------------------------------------------------------------
 
-def test_the_budget_lets_per_minute_requests_through_then_waits_for_the_window():
-    clock = Clock()
-    budget = RequestBudget(3, clock=clock, sleep=clock.sleep)
-    for _ in range(3):
-        budget.acquire()
-        clock.now += 1
-    assert clock.sleeps == []
-    budget.acquire()  # the first one left the window at t=60
-    assert clock.sleeps == [57.0]
-    assert clock.now == 1060.0
+def metered(clock, limit=2, window=60.0, name="cws_list"):
+    return Budgets("worker", {name: Budget(name, limit, window, clock=clock, sleep=clock.sleep)})
 
 
-def test_an_upstream_with_a_budget_spends_it_on_every_attempt_including_retries(requests_mock):
+def test_each_attempt_spends_the_budget_of_the_class_named_by_the_call_retries_included(requests_mock):
     clock = Clock()
     requests_mock.get(ITEMS, [{"status_code": 503}, {"json": {}}, {"json": {}}])
-    upstream, _ = make(budget=RequestBudget(2, clock=clock, sleep=clock.sleep))
-    upstream.request("GET", "/v3/items")
+    budgets = metered(clock)
+    upstream, _ = make(budgets=budgets)
+    upstream.request("GET", "/v3/items", budget="cws_list")
     assert clock.sleeps == []
-    upstream.request("GET", "/v3/items")
+    upstream.request("GET", "/v3/items", budget="cws_list")
     assert clock.sleeps == [60.0]
+    assert budgets["cws_list"].requests == 3
+
+
+def test_attempts_that_got_no_answer_give_their_slot_back_so_an_outage_leaves_the_class_unspent(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"exc": refused()}, {"exc": requests.ConnectionError("dropped")},
+                              {"exc": requests.ReadTimeout("black hole")}, {"json": {"ok": 1}}])
+    budgets = metered(clock, limit=1)
+    upstream, _ = make(budgets=budgets, retry_max=0)
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            upstream.request("GET", "/v3/items", budget="cws_list")
+    assert budgets["cws_list"].window_use()[0] == 0
+    assert upstream.request("GET", "/v3/items", budget="cws_list") == {"ok": 1}
+    assert clock.sleeps == [] and budgets["cws_list"].window_use()[0] == 1
+
+
+def test_a_call_without_a_class_is_not_metered(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, json={})
+    upstream, _ = make(budgets=metered(clock, limit=1))
+    for _ in range(5):
+        upstream.request("GET", "/v3/items")
+    assert clock.sleeps == []
+
+
+def test_a_call_that_will_not_wait_raises_budget_spent_without_sending(requests_mock):
+    clock = Clock()
+    items = requests_mock.get(ITEMS, json={})
+    upstream, _ = make(budgets=metered(clock, limit=1))
+    upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
+    with pytest.raises(BudgetSpent):
+        upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
+    assert items.call_count == 1 and clock.sleeps == []
+
+
+def test_a_429_holds_its_class_for_retry_after_before_the_retry(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "45"}}, {"json": {"ok": 1}}])
+    budgets = metered(clock, limit=100)
+    upstream, waits = make(budgets=budgets)
+    assert upstream.request("GET", "/v3/items", budget="cws_list") == {"ok": 1}
+    assert clock.sleeps == [45.0] and waits == []  # the budget waited, not the retry loop
+    assert budgets["cws_list"].throttles == 1
+
+
+def test_a_429_slows_its_class_and_an_answer_ends_the_streak(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"status_code": 429}, {"json": {}}])
+    budgets = metered(clock, limit=100, window=100)
+    upstream, _ = make(budgets=budgets)
+    upstream.request("GET", "/v3/items", budget="cws_list")
+    assert budgets["cws_list"].per_second < 1.0
+    assert clock.sleeps == [0.25]  # no Retry-After: the budget's first backoff step
+    assert not budgets["cws_list"].throttling
+
+
+def test_an_absurd_retry_after_is_ignored(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "999999"}}, {"json": {}}])
+    upstream, _ = make(budgets=metered(clock, limit=100))
+    upstream.request("GET", "/v3/items", budget="cws_list")
+    assert clock.sleeps == [0.25]
+
+
+def test_429s_beyond_the_retries_surface_as_a_retryable_error(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "2"})
+    budgets = metered(clock, limit=100)
+    upstream, _ = make(budgets=budgets, retry_max=2)
+    with pytest.raises(UpstreamError) as caught:
+        upstream.request("GET", "/v3/items", budget="cws_list")
+    assert caught.value.status == 429 and caught.value.retryable
+    assert budgets["cws_list"].throttles == 3 and budgets["cws_list"].throttling
+
+
+def test_a_caller_that_will_not_wait_still_waits_out_a_short_hold_before_its_retry(requests_mock):
+    clock = Clock()
+    requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "3"}}, {"json": {"ok": 1}}])
+    upstream, _ = make(budgets=metered(clock, limit=100))
+    assert upstream.request("GET", "/v3/items", budget="cws_list", wait=False) == {"ok": 1}
+    assert clock.sleeps == [3.0]
+
+
+def test_a_caller_that_will_not_wait_gives_up_on_a_long_hold_and_others_are_not_sent_meanwhile(requests_mock):
+    clock = Clock()
+    items = requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "120"})
+    upstream, _ = make(budgets=metered(clock, limit=100))
+    with pytest.raises(BudgetSpent):
+        upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
+    with pytest.raises(BudgetSpent):
+        upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
+    assert items.call_count == 1 and clock.sleeps == []

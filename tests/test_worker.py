@@ -12,7 +12,9 @@ from bridge import db, migrations
 from bridge.errors import UpstreamError
 from bridge.g2a import G2aClient
 from bridge.lease import Lease
-from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker
+from bridge.metrics import Metrics
+from bridge.sync import PassReport
+from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker, checked
 
 T0 = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 BACKENDS = ("sqlite", "postgresql")  # the real-process tests run on both (conftest.py)
@@ -199,6 +201,31 @@ def test_a_sync_failing_again_and_again_raises_one_sync_failing_alert(database):
         worker.run_job(worker.jobs["sync.full"])
         kinds = [alert.kind for alert in db.Alert.select()]
         assert kinds == ([] if attempt + 1 < SYNC_FAILURES_ALERT else ["sync_failing"])
+
+
+def failed_pass(now):
+    """A full pass whose CWS read was answered 429 and that got no write through."""
+    report = PassReport("full", now)
+    report.error("CWS products: cws: Too Many Requests (HTTP 429)")
+    return report
+
+
+def test_a_sync_failing_while_upstream_answers_429_is_not_a_sync_failure(database, caplog):
+    worker = make_worker(Job("sync.full", 15, checked(failed_pass, Metrics("worker"), lambda: ["cws_list"])))
+    worker.heartbeat(T0)
+    for _ in range(SYNC_FAILURES_ALERT + 2):
+        worker.run_job(worker.jobs["sync.full"])
+    assert worker.failures["sync.full"] == 0
+    assert not db.Alert.select().exists()
+    assert events(caplog, "sync.throttled")[0]["budgets"] == "cws_list"
+
+
+def test_the_same_failure_without_a_throttle_counts_towards_sync_failing(database):
+    worker = make_worker(Job("sync.full", 15, checked(failed_pass, Metrics("worker"), lambda: [])))
+    worker.heartbeat(T0)
+    for _ in range(SYNC_FAILURES_ALERT):
+        worker.run_job(worker.jobs["sync.full"])
+    assert [alert.kind for alert in db.Alert.select()] == ["sync_failing"]
 
 
 def test_a_success_resets_the_failure_count(database):

@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 
 import requests
 
+from .limits import RateLimits
 from .server import BadRequest, FakeApi, HttpError, Reply, Route, to_json
 
 CWS_CLIENT_ID = "ff72ce315d1259e822f47d87d02d261e"
@@ -24,13 +25,15 @@ CWS_CLIENT_SECRET = "$2a$10$E2jVWDADFA5gh6zlRVcrlOOX01Q/HJoT6hXuDMJxek.YEo.lkO2T
 CWS_CLIENT_SIGNATURE = "b4cded07-e13e-4021-8b9f-a3cee994109b"
 
 MODES = frozenset({"instant", "delayed", "image", "preorder", "preorder_legacy", "fail", "balance",
-                   "delisted", "commit_then_500", "commit_then_hang"})
+                   "delisted", "commit_then_500", "commit_then_hang", "short", "late_preorder"})
 # Documented CWS codes (cws.md §5.2), then ours for cases CWS leaves undocumented.
 LOW_BALANCE, PRODUCT_NOT_FOUND, BAD_QUANTITY, CODE_NOT_FOUND = 10002, 20001, 40002, 50002
 BAD_REQUEST, PRICE_CHANGED, OUT_OF_STOCK, ORDER_NOT_FOUND = 40000, 40003, 40004, 30001
 CODE_LABELS = {"CODE_TEXT": "Text code", "CODE_IMAGE": "Image code",
                "CODE_PREORDER": "Pre-ordered code", "PRE_ORDER": "Pre-ordered code"}
 CENT = Decimal("0.01")
+# cws.md §5.3: requests per window (seconds) by rate class, as CWS support reportedly enforces them.
+SECTION_5_3 = {"token": (50, 300.0), "list": (400, 600.0), "product": (600, 300.0)}
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 
@@ -89,6 +92,19 @@ def parse_bound(text, end):
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def cws_rate_class(request):
+    """The §5.3 class a request counts against (None for /_sim/ control calls)."""
+    if request.path.startswith("/_sim/"):
+        return None
+    if (request.method, request.path) == ("POST", "/oauth/token"):
+        return "token"
+    if request.method == "GET" and request.path.rstrip("/") == "/v3/products":
+        return "list"
+    if request.method == "GET" and request.path.count("/") == 3 and request.path.startswith("/v3/products/"):
+        return "product"
+    return "other"
+
+
 @dataclass
 class _Product:
     product_id: str
@@ -136,18 +152,36 @@ class FakeCws(FakeApi):
 
     Knobs: token_ttl, token_shape ("oauth"/"spring"), page_size, balance, delay, hang_seconds, now (a
     clock returning an aware datetime: token expiry and createdOn), per-product fulfilment modes (MODES),
-    fail_next faults. Choices where CWS is undocumented: an order with pre-order placeholders is
+    fail_next faults, rate limits per class token/list/product/other (`limits`, limits.py: off unless
+    rate_limits= or limits.enforce() turns them on; limits.throttle() answers 429 to a class for a while;
+    limits.counts() counts requests and 429s per class). Choices where CWS is undocumented: an order with pre-order placeholders is
     "Completed" (only codeType tells); "fail" stores a Cancelled order without charging; a repeated
     client orderId makes a new order; GET /v3/orders/{clientOrderId} is 404; codes 40000 (bad request),
     40003 (price changed), 40004 (out of stock, allowPreOrder false) and 30001 (order not found) are ours.
+
+    Modes beyond cws.md §6: "short" completes with `short_by` codes fewer than ordered; "late_preorder" hands out
+    pre-order placeholders although stock was there and allowPreOrder was false, and fills them in place, one
+    more every `preorder_seconds` after the order was created. `codes_per_unit` > 1 sells every unit as that
+    many text codes (a bundle). History knobs (cws.md §7.5 leaves paging and lag unknown):
+    history_status (every GET /v3/orders answers it), history_page_size with history_paging "token"
+    (items + continuationToken, as products) or "page" (?page=N from 0, with page and totalPages), and
+    history_lag (an order shows in history only that many seconds after its creation).
     """
 
-    def __init__(self):
+    def __init__(self, rate_limits=None, retry_after=True):
+        self.limits = RateLimits(rate_limits, retry_after, defaults=SECTION_5_3)
         self.token_ttl = 3600
         self.token_shape = "oauth"
         self.page_size = 100
         self.balance = Decimal("1000.00")
         self.hang_seconds = 30.0
+        self.short_by = 1
+        self.codes_per_unit = 1
+        self.preorder_seconds = 3.0
+        self.history_status = None
+        self.history_page_size = None
+        self.history_paging = "token"
+        self.history_lag = 0.0
         self.now = lambda: datetime.now(timezone.utc)  # tests may replace this clock
         self._token, self._token_expires = None, None
         self._products = {}
@@ -173,6 +207,8 @@ class FakeCws(FakeApi):
             Route("POST", "/_sim/orders/{id}/complete", self._control_complete),
             Route("GET", "/_sim/orders", lambda request: {"items": self.orders}),
             Route("POST", "/_sim/faults", self._control_faults),
+            Route("POST", "/_sim/limits", lambda request: self.limits.control(request.json())),
+            Route("GET", "/_sim/limits", lambda request: self.limits.counts()),
         ]
 
     def error_body(self, status, message):
@@ -243,6 +279,16 @@ class FakeCws(FakeApi):
         response = requests.post(url, data=to_json(body), headers={"Content-Type": "application/json"},
                                  timeout=10)
         return response.status_code
+
+    # ---- rate limits (cws.md §5.3) -----------------------------------------------------------
+
+    def handle(self, request):
+        rate_class = cws_rate_class(request)
+        wait = 0 if rate_class is None else self.limits.admit(rate_class)
+        if wait <= 0:
+            return super().handle(request)
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.limits.retry_after else {}
+        return self._encode(Reply(429, cws_error(429, 429, "Too many requests").body, headers=headers))
 
     # ---- auth -------------------------------------------------------------------------------
 
@@ -380,7 +426,8 @@ class FakeCws(FakeApi):
         for line in order.lines:
             in_stock = min(line.quantity, line.product.quantity)
             line.product.quantity -= in_stock
-            line.codes = self._first_codes(line.product.mode, line.quantity, in_stock)
+            line.codes = self._first_codes(line.product.mode, line.quantity * self.codes_per_unit,
+                                           in_stock * self.codes_per_unit)
         if "delayed" in modes:
             order.status = "Fulfilling"
             order.polls_left = max(line.product.polls for line in order.lines if line.product.mode == "delayed")
@@ -389,7 +436,9 @@ class FakeCws(FakeApi):
         # Pre-ordered units keep status Completed on the order: only the code type says "no key yet".
         if mode == "delayed":
             return []
-        if mode in ("preorder", "preorder_legacy"):
+        if mode == "short":
+            return [self._new_code(mode) for _ in range(max(0, in_stock - self.short_by))]
+        if mode in ("preorder", "preorder_legacy", "late_preorder"):
             in_stock = 0
         placeholder = "PRE_ORDER" if mode == "preorder_legacy" else "CODE_PREORDER"
         real = [self._new_code(mode) for _ in range(in_stock)]
@@ -400,7 +449,8 @@ class FakeCws(FakeApi):
             for code in line.codes:
                 if not code["code"]:
                     self._fill(code, line.product.mode)
-            line.codes += [self._new_code(line.product.mode) for _ in range(line.quantity - len(line.codes))]
+            line.codes += [self._new_code(line.product.mode)
+                           for _ in range(line.quantity * self.codes_per_unit - len(line.codes))]
         order.status, order.polls_left = "Completed", None
 
     def _placeholder(self, code_type):
@@ -431,16 +481,41 @@ class FakeCws(FakeApi):
             self._complete(order)
         elif order.polls_left:
             order.polls_left -= 1
+        self._fill_late_keys(order)
         return self._order_json(order)
 
+    def _fill_late_keys(self, order):
+        """late_preorder: one more placeholder gets its key every preorder_seconds after the order was made."""
+        due = int((self.now() - order.created_on).total_seconds() // self.preorder_seconds)
+        for line in (line for line in order.lines if line.product.mode == "late_preorder"):
+            waiting = [code for code in line.codes if not code["code"]]
+            for code in waiting[:max(0, due - (len(line.codes) - len(waiting)))]:
+                self._fill(code, "late_preorder")
+
     def _order_history(self, request):
+        if self.history_status:
+            raise cws_error(self.history_status, self.history_status, "Order history is unavailable")
         start = request.query.get("startFrom")
         end = request.query.get("endOn")
         low = parse_bound(start, end=False) if start else None
         high = parse_bound(end, end=True) if end else None
-        chosen = [order for order in self._orders
-                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)]
-        return {"items": [self._order_json(order, with_products=False) for order in chosen]}
+        shown = self.now() - timedelta(seconds=self.history_lag)
+        chosen = [self._order_json(order, with_products=False) for order in self._orders
+                  if (low is None or order.created_on >= low) and (high is None or order.created_on <= high)
+                  and order.created_on <= shown]
+        return self._history_page(chosen, request.query)
+
+    def _history_page(self, items, query):
+        size = self.history_page_size
+        if not size:
+            return {"items": items}
+        if self.history_paging == "page":
+            page = int(query.get("page") or 0)
+            return {"items": items[page * size:(page + 1) * size], "page": page,
+                    "totalPages": max(1, math.ceil(len(items) / size))}
+        start = self._page_start(query.get("continuationToken"))
+        more = start + size < len(items)
+        return {"items": items[start:start + size], "continuationToken": self._page_token(start + size) if more else None}
 
     def _order_json(self, order, with_products=True):
         rendered = {"orderId": order.order_id, "clientOrderId": order.client_order_id,

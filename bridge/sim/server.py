@@ -37,6 +37,7 @@ class Reply:
     status: int | None = 200  # None closes the connection without an answer
     body: object = None  # dict/list (JSON), bytes (sent as is) or None (empty)
     hang: float = 0.0  # seconds to wait, outside the fake's lock, before answering
+    headers: dict = field(default_factory=dict)  # extra response headers (Retry-After)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class FakeApi:
         return Reply(200, {})
 
     def handle(self, request):
-        """Answer one request: (status or None, body bytes, seconds to hang first)."""
+        """Answer one request: (status or None, body bytes, seconds to hang first, extra headers)."""
         control = request.path.startswith(CONTROL_PREFIX)
         route = self._match(request)
         if not control:
@@ -214,7 +215,7 @@ class FakeApi:
     @staticmethod
     def _encode(reply):
         body = reply.body if isinstance(reply.body, bytes) else b"" if reply.body is None else to_json(reply.body)
-        return reply.status, body, reply.hang
+        return reply.status, body, reply.hang, reply.headers
 
 
 def _as_reply(result):
@@ -231,18 +232,20 @@ class _Handler(BaseHTTPRequestHandler):
         request = Request(self.command, url.path, _first_values(parse_qs(url.query)), self.headers, body)
         fake = self.server.fake
         try:
-            status, data, hang = fake.handle(request)
+            status, data, hang, headers = fake.handle(request)
         except Exception:  # a simulator bug must show up as a 500, not a dropped connection
             log.exception("simulator: %s %s failed", self.command, url.path)
-            status, data, hang = 500, to_json(fake.error_body(500, "simulator error")), 0
+            status, data, hang, headers = 500, to_json(fake.error_body(500, "simulator error")), 0, {}
         fake.pause(hang)
         if status is None:
             self.close_connection = True
             return
-        self._send(status, data)
+        self._send(status, data, headers)
 
-    def _send(self, status, data):
+    def _send(self, status, data, headers):
         self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
