@@ -354,18 +354,17 @@ write_wrapper() {
 # g2a-bridge COMMAND: runs "python -m bridge COMMAND" with the installed config.
 # Written by install.sh (re-running it rewrites this file).
 ENV_FILE='$ENV_FILE'
-case " \$* " in
-    *" -h "* | *" --help "*)
-        # Help reads neither the config nor the data folder, so any user may ask for it.
-        cd / && exec "$VENV/bin/python" -P -m bridge "\$@" ;;
-esac
 # Not shell-sourced: CWS secrets contain "\$", so the app reads the file itself (python-dotenv).
-if [ ! -r "\$ENV_FILE" ]; then
-    hint="run it as root"
-    command -v sudo >/dev/null && hint="run: sudo g2a-bridge \$*"
-    echo "g2a-bridge: cannot read \$ENV_FILE (root and the service's group only); \$hint" >&2
-    exit 2
-fi
+# Help reads neither the config nor the data folder, so any user may ask for it.
+case " \$* " in
+    *" -h "* | *" --help "*) ;;
+    *) if [ ! -r "\$ENV_FILE" ]; then
+           hint="run it as root"
+           command -v sudo >/dev/null && hint="run: sudo g2a-bridge \$*"
+           echo "g2a-bridge: cannot read \$ENV_FILE (root and the service's group only); \$hint" >&2
+           exit 2
+       fi ;;
+esac
 export ENV_FILE
 # Like the units' UMask=0077: a database a command creates is private too.
 umask 077
