@@ -216,7 +216,7 @@ def cws_calls_take(shop, seconds):
     """Each CWS purchase and order read costs `seconds` on the shop's clock, as a real CWS's do."""
     for name in ("place_order", "order"):
         call = getattr(shop.cws, name)
-        setattr(shop.cws, name, lambda *args, call=call: shop.clock.sleep(seconds) or call(*args))
+        setattr(shop.cws, name, lambda *args, call=call, **kwargs: shop.clock.sleep(seconds) or call(*args, **kwargs))
 
 
 def test_an_order_cws_completes_after_4_5_s_still_answers_200_within_the_default_5_s(shop, sim):
