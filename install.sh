@@ -23,8 +23,12 @@ Options:
                  config (/etc/g2a-bridge) and the data (/var/lib/g2a-bridge)
   -h, --help     show this help
 
+Without systemd as PID 1 (containers, some VPS images) it installs everything and prints
+the two commands that run web and worker in the foreground as the service user.
+
 Environment:
-  PYTHON               the Python 3.11+ that creates the venv (default: python3)
+  PYTHON               the Python 3.11+ that creates the venv (default: /usr/bin/python3 when it
+                       is 3.11+, else python3; the service user must be able to run it)
   G2A_BRIDGE_PIP_ARGS  extra arguments for "pip install" (e.g. --no-index --find-links DIR)
 
 Example: sudo ./install.sh && sudo nano /etc/g2a-bridge/bridge.env && sudo ./install.sh
@@ -41,7 +45,7 @@ readonly NAME_RE='^(?:# ?)?([A-Z][A-Z0-9_]*)='
 
 SRC_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 readonly SRC_DIR
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-}
 PREFIX=""
 USE_SYSTEMD=1
 ACTION=install
@@ -82,29 +86,66 @@ set_paths() {
 # Decides once what this run may touch outside PREFIX, so the steps need no flags of their own.
 set_modes() {
     IS_ROOT=0; [ "$(id -u)" -eq 0 ] && IS_ROOT=1
+    SUDO=$(sudo_prefix)
     if [ $IS_ROOT -eq 0 ] && [ -z "$PREFIX" ]; then
-        die "run it as root (sudo ./install.sh), or install under a folder with --prefix DIR" 2
+        die "run it as root (${SUDO}./install.sh), or install under a folder with --prefix DIR" 2
     fi
     MANAGE_USER=0
     [ $IS_ROOT -eq 1 ] && [ $USE_SYSTEMD -eq 1 ] && [ -z "$PREFIX" ] && MANAGE_USER=1
     RUN_SYSTEMCTL=0
+    NO_PID1=0  # a real install where systemd is not running: the services are run by hand
     if [ $USE_SYSTEMD -eq 1 ] && [ -z "$PREFIX" ]; then
         # A container or chroot has systemctl but no running systemd to talk to.
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
             RUN_SYSTEMCTL=1
-        elif [ "$ACTION" = install ]; then
-            say "systemd: not running here; the units will be installed but not started"
+        else
+            NO_PID1=1
+            [ "$ACTION" = install ] &&
+                say "systemd: not running here (a container?); everything is installed, nothing is started"
         fi
     fi
     # The command to print for "run it again", as the operator would type it from here.
-    if [ "$PWD" = "$SRC_DIR" ]; then RERUN="sudo ./install.sh"; else RERUN="sudo $SRC_DIR/install.sh"; fi
+    if [ "$PWD" = "$SRC_DIR" ]; then RERUN="${SUDO}./install.sh"; else RERUN="${SUDO}$SRC_DIR/install.sh"; fi
+}
+
+# "sudo " for the commands we suggest, only where the operator needs it and has it: not for root who
+# logged in as root (a container, a VPS without sudo), and never when sudo is not installed.
+sudo_prefix() {
+    command -v sudo >/dev/null || return 0
+    [ "$(id -u)" -eq 0 ] && [ -z "${SUDO_USER:-}" ] && return 0
+    printf 'sudo '
+}
+
+# A Python the service user can run. root's first python3 may be a pyenv build under /root, which the
+# service user cannot execute and ProtectHome=yes hides: the distribution's python3 comes first.
+pick_python() {
+    [ -n "$PYTHON" ] && return
+    if /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        PYTHON=/usr/bin/python3
+    else
+        PYTHON=python3
+    fi
 }
 
 check_python() {
+    pick_python
     command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11+ (apt-get install python3 python3-venv)"
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
         die "Python 3.11 or newer is needed, $PYTHON is $("$PYTHON" -V 2>&1)"
     say "python: $("$PYTHON" -V 2>&1) at $(command -v "$PYTHON")"
+}
+
+# Fails (one line, exit 1) unless `user` can run `python` (its real binary) the way the units will.
+check_runnable_by() {
+    local user=$1 real
+    real=$("$2" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+    case $real in
+        /root/* | /home/* | /run/user/*)
+            die "$real is under a home folder, which the services cannot see (ProtectHome=yes); install Python 3.11+ system-wide (apt-get install python3 python3-venv) or re-run with PYTHON=/usr/bin/python3.X" ;;
+    esac
+    command -v runuser >/dev/null || return 0
+    runuser -u "$user" -- "$real" -c 'import encodings' >/dev/null 2>&1 ||
+        die "the service user $user cannot run $real (check the permissions of its folders), or re-run with PYTHON=/usr/bin/python3.X"
 }
 
 ensure_user() {
@@ -163,19 +204,6 @@ make_venv() {
     # ProtectSystem=strict makes /opt read-only to the services, so compile the bytecode now.
     "$VENV/bin/python" -m compileall -q "$CODE_DIR/bridge" >/dev/null || true
     say "venv: $VENV with requirements.txt installed"
-    warn_hidden_python
-}
-
-# ProtectHome=yes hides /home and /root from the services, and with it a pyenv-style Python.
-warn_hidden_python() {
-    [ $MANAGE_USER -eq 1 ] || return 0
-    local real
-    real=$(realpath -- "$VENV/bin/python")
-    case $real in
-        /root/* | /home/* | /run/user/*)
-            note "warning: the venv's Python is $real, which the units cannot see (ProtectHome=yes);"
-            note "re-run with a system Python: sudo PYTHON=/usr/bin/python3 ./install.sh" ;;
-    esac
 }
 
 # Prints the example with fresh credentials and this install's paths filled in.
@@ -199,6 +227,34 @@ for line in open(example, encoding="utf-8"):
     sys.stdout.write(line)
 for name, value in values.items():
     sys.stdout.write(f"{name}={value}\n")
+PY
+}
+
+# The services read bridge.env themselves (ENV_FILE), as the service user: its group may read it, nobody
+# else. Re-applied on every run, so an install from before this rule gets it too.
+share_env_file() {
+    [ $MANAGE_USER -eq 1 ] || return 0
+    chown "root:$SERVICE_USER" "$ENV_FILE"
+    chmod 0640 "$ENV_FILE"
+}
+
+# The units used to set DATABASE_URL and PRODUCTS_FILE themselves; now bridge.env is their only source, so
+# a file without them gets this install's paths (read with python-dotenv, as the bridge reads it).
+append_install_paths() {
+    "$VENV/bin/python" - "$ENV_FILE" "sqlite:///$DATA_DIR/bridge.db" "$ETC_DIR/products.json" <<'PY'
+import datetime, sys
+
+from dotenv import dotenv_values
+
+env_file, database_url, products_file = sys.argv[1:]
+have = dotenv_values(env_file)
+missing = {name: value for name, value in (("DATABASE_URL", database_url), ("PRODUCTS_FILE", products_file))
+           if not (have.get(name) or "").strip()}
+if missing:
+    with open(env_file, "a", encoding="utf-8") as f:
+        f.write(f"\n# Added by install.sh on {datetime.date.today().isoformat()}: this install's paths.\n")
+        f.writelines(f"{name}={value}\n" for name, value in missing.items())
+    print(" ".join(missing))
 PY
 }
 
@@ -237,6 +293,8 @@ write_config() {
         else
             say "config: $ENV_FILE kept"
         fi
+        added=$(append_install_paths)
+        [ -z "$added" ] || say "config: $ENV_FILE had no $added; set to this install's paths"
     else
         # mktemp creates the file 0600 and mv puts it in place whole: the secrets are never
         # world-readable, and an interrupted run leaves no half-written bridge.env behind.
@@ -244,10 +302,10 @@ write_config() {
         tmp=$(mktemp "$ETC_DIR/.bridge.env.XXXXXX")
         render_env_file >"$tmp" || { rm -f "$tmp"; die "could not write $ENV_FILE"; }
         chmod 0600 "$tmp"
-        [ $MANAGE_USER -eq 1 ] && chown "root:$SERVICE_USER" "$tmp"
         mv -f "$tmp" "$ENV_FILE"
         say "config: $ENV_FILE created with new OUR_API_CLIENT_ID, OUR_API_CLIENT_SECRET, BRIDGE_SECRET_KEY"
     fi
+    share_env_file
     if [ -e "$ETC_DIR/products.json" ]; then
         say "products: $ETC_DIR/products.json kept"
     else
@@ -297,10 +355,16 @@ write_wrapper() {
 # Written by install.sh (re-running it rewrites this file).
 ENV_FILE='$ENV_FILE'
 # Not shell-sourced: CWS secrets contain "\$", so the app reads the file itself (python-dotenv).
-if [ ! -r "\$ENV_FILE" ]; then
-    echo "g2a-bridge: cannot read \$ENV_FILE (readable by root only); run: sudo g2a-bridge \$*" >&2
-    exit 2
-fi
+# Help reads neither the config nor the data folder, so any user may ask for it.
+case " \$* " in
+    *" -h "* | *" --help "*) ;;
+    *) if [ ! -r "\$ENV_FILE" ]; then
+           hint="run it as root"
+           command -v sudo >/dev/null && hint="run: sudo g2a-bridge \$*"
+           echo "g2a-bridge: cannot read \$ENV_FILE (root and the service's group only); \$hint" >&2
+           exit 2
+       fi ;;
+esac
 export ENV_FILE
 # Like the units' UMask=0077: a database a command creates is private too.
 umask 077
@@ -347,15 +411,21 @@ check_and_start() {
     [ -n "$empty" ] && note "still empty in $ENV_FILE: $empty (doctor above says which are required)"
     note "edit: $ENV_FILE"
     if [ $RUN_SYSTEMCTL -eq 1 ]; then
-        note "then run: $RERUN   (or: sudo systemctl enable --now g2a-bridge-web g2a-bridge-worker)"
+        note "then run: $RERUN   (or: ${SUDO}systemctl enable --now g2a-bridge-web g2a-bridge-worker)"
     else
         note "then check: $WRAPPER doctor"
+        print_foreground "then start web and worker in the foreground"
     fi
 }
 
 start_units() {
     if [ $RUN_SYSTEMCTL -eq 0 ]; then
-        say "done: installed; systemctl not run (--prefix/--no-systemd or no systemd)"
+        if [ $NO_PID1 -eq 1 ]; then
+            say "done: installed, not started: systemd is not running here"
+        else
+            say "done: installed; systemctl not run (--prefix/--no-systemd)"
+        fi
+        print_foreground "start web and worker in the foreground (a container's entrypoint, a supervisor, two terminals)"
         return
     fi
     systemctl enable --quiet "${UNITS[@]}"
@@ -364,26 +434,62 @@ start_units() {
     note "see: systemctl status g2a-bridge-web g2a-bridge-worker; journalctl -u g2a-bridge-worker -f"
 }
 
+# What each unit runs, as systemd would run it: its folder, umask, environment and command, as the service
+# user. Read from the installed unit, so it can never drift from what the units do.
+print_foreground() {
+    note "$1:"
+    local unit
+    for unit in "${UNITS[@]}"; do note "  $(foreground_command "$UNIT_DIR/$unit")"; done
+}
+
+# The units use only plain KEY=value lines (no quoting, no ExecStart prefixes), so a line split will do.
+foreground_command() {
+    local key value dir=/ env="" exec_start="" as_user=""
+    while IFS='=' read -r key value; do
+        case $key in
+            WorkingDirectory) dir=$value ;;
+            Environment) env+=" $value" ;;
+            ExecStart) exec_start=$value ;;
+        esac
+    done <"$1"
+    [ $MANAGE_USER -eq 1 ] && as_user="runuser -u $SERVICE_USER -- "
+    printf 'cd %s && umask 077 && %senv%s %s\n' "$dir" "$as_user" "$env" "$exec_start"
+}
+
+# Processes started by hand (no systemd, or the commands above) outlive the uninstall: say so.
+warn_running() {
+    local pids=""
+    if command -v pgrep >/dev/null; then
+        pids=$(pgrep -f -- "$VENV/bin/python.* -m bridge (web|worker)" | tr '\n' ' ') || true
+        [ -z "$pids" ] && return 0
+        note "warning: g2a-bridge processes still running (PID ${pids% }) keep going until you stop them: kill ${pids% }"
+    elif [ $RUN_SYSTEMCTL -eq 0 ]; then
+        note "warning: web and worker started by hand keep running until you stop them"
+    fi
+}
+
 uninstall() {
     if [ $RUN_SYSTEMCTL -eq 1 ]; then
         # Units that were never enabled or started are not an error here.
         systemctl disable --now --quiet "${UNITS[@]}" 2>/dev/null || true
         say "units: stopped and disabled"
     fi
+    warn_running
     local unit
-    for unit in "${UNITS[@]}"; do rm -f "$UNIT_DIR/$unit"; done
+    # The .wants links "systemctl enable" made: without systemd to disable the units they would dangle.
+    for unit in "${UNITS[@]}"; do rm -f "$UNIT_DIR/$unit" "$UNIT_DIR"/*.wants/"$unit"; done
     if [ $RUN_SYSTEMCTL -eq 1 ]; then
         systemctl daemon-reload
         systemctl reset-failed "${UNITS[@]}" 2>/dev/null || true
     fi
-    say "units: removed from $UNIT_DIR"
+    say "units: removed from $UNIT_DIR, with their .wants links"
     rm -rf "${CODE_DIR:?}"
     say "code: removed $CODE_DIR"
     rm -f "$WRAPPER"
     say "wrapper: removed $WRAPPER"
     say "kept: config in $ETC_DIR and data in $DATA_DIR (delete them by hand to erase everything)"
     if [ $MANAGE_USER -eq 1 ]; then
-        say "kept: user $SERVICE_USER (it owns the data; remove it with: userdel $SERVICE_USER)"
+        say "kept: user $SERVICE_USER (it owns the data; remove it with: ${SUDO}userdel $SERVICE_USER)"
     fi
 }
 
@@ -398,6 +504,7 @@ main() {
     umask 022
     check_python
     ensure_user
+    if [ $MANAGE_USER -eq 1 ]; then check_runnable_by "$SERVICE_USER" "$PYTHON"; fi
     copy_code
     make_venv
     write_config
@@ -407,4 +514,5 @@ main() {
     check_and_start
 }
 
-main "$@"
+# Sourced (tests call single functions), it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

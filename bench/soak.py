@@ -7,9 +7,10 @@ steady rate and then order (instant or delayed), release, renew or abandon; deli
 a changer moves CWS prices and stock every few seconds and sends signed STOCK postbacks for half of the changes,
 so sync runs both from its full passes and from postbacks. Every 30 s a line shows throughput, answers by status
 and the RSS of web and worker (VmRSS from /proc); the end shows RSS growth (start -> end and a slope per minute
-after the first minute) and the totals. Stops by itself.
+after the warm-up), open file descriptors, database and log growth per 1,000 orders after the warm-up (logs at
+LOG_LEVEL, INFO by default as in production), and the totals. Stops by itself.
 
-Usage: .venv/bin/python bench/soak.py [--minutes 10] [--rate 8] [--products 2000]
+Usage: .venv/bin/python bench/soak.py [--minutes 10] [--warm-up 1] [--rate 8] [--products 2000] [--log-level INFO]
 """
 import argparse
 import itertools
@@ -67,11 +68,18 @@ def seed(sim, size):
 
 # ---- web and worker ----------------------------------------------------------------------------------------------
 
-def environment(sim, folder, port, size):
+def environment(sim, folder, port, size, log_level):
     products = [{"cws_product_id": entry(i)[0], "g2a_product_id": entry(i)[1]} for i in range(size)]
     (folder / "products.json").write_text(json.dumps({"products": products}))
     return harness.bridge_env(sim, folder, port, CWS_CLIENT_SIGNATURE=CWS_CLIENT_SIGNATURE, SYNC_INTERVAL_SECONDS=15,
-                              RESERVATION_TTL_MINUTES=1, ORDER_INLINE_WAIT_SECONDS=1)
+                              RESERVATION_TTL_MINUTES=1, ORDER_INLINE_WAIT_SECONDS=1, LOG_LEVEL=log_level)
+
+
+def footprint(folder):
+    """Bytes on disk: the database (with its WAL) and each process's log."""
+    sizes = {"database": sum(p.stat().st_size for p in folder.glob("bridge.db*"))}
+    sizes.update({f"{name} log": (folder / f"{name}.log").stat().st_size for name in ("web", "worker")})
+    return sizes
 
 
 def memory(pid):
@@ -263,16 +271,36 @@ def interval_line(elapsed, seconds, stats, previous, rss, counts, pending):
             f"  non-2xx {dict(errors) if errors else 0}"), answers
 
 
-def summary(stats, samples, started, ended, counts, folder, pending):
+def orders_answered(stats):
+    with stats.lock:
+        return sum(n for (action, status), n in stats.answers.items() if action == "order" and status in (200, 202))
+
+
+def growth_line(disk, warm_up):
+    """Database and log growth per 1,000 orders between the end of the warm-up and the end."""
+    first = next((sample for sample in disk if sample[0] >= warm_up), disk[0])
+    last = disk[-1]
+    orders = last[1] - first[1]
+    if orders <= 0:
+        return "growth     no orders after the warm-up"
+    parts = [f"{name} {(last[2][name] - first[2][name]) * 1000 / orders / 1e6:+.2f} MB" for name in last[2]]
+    return f"growth     per 1,000 orders after the warm-up ({orders} orders): " + ", ".join(parts)
+
+
+def summary(stats, samples, disk, warm_up, started, ended, counts, folder, pending):
     minutes = (ended - started) / 60
-    lines = [f"== soak: {minutes:.1f} min =="]
+    lines = [f"== soak: {minutes:.1f} min, warm-up {warm_up / 60:g} min =="]
     for name in ("web", "worker"):
         series = [(t, s[name][0]) for t, s in samples]
-        late = [(t, mb) for t, mb in series if t >= 60] or series
-        lines.append(f"RSS {name:<6} start {series[0][1]:6.1f} MB -> after 1 min {late[0][1]:6.1f} MB -> end "
+        late = [(t, mb) for t, mb in series if t >= warm_up] or series
+        fds = [(t, s[name][1]) for t, s in samples]
+        fds_late = [n for t, n in fds if t >= warm_up] or [n for _, n in fds]
+        lines.append(f"RSS {name:<6} start {series[0][1]:6.1f} MB -> after warm-up {late[0][1]:6.1f} MB -> end "
                      f"{series[-1][1]:6.1f} MB  (peak {max(mb for _, mb in series):6.1f} MB; slope after the "
-                     f"first minute {slope(late):+.2f} MB/min, whole run {slope(series):+.2f} MB/min); open fds "
-                     f"{samples[0][1][name][1]} -> {samples[-1][1][name][1]}")
+                     f"warm-up {slope(late):+.3f} MB/min, whole run {slope(series):+.3f} MB/min); open fds "
+                     f"{fds[0][1]} -> after warm-up {fds_late[0]} -> end {fds[-1][1]} (max after warm-up "
+                     f"{max(fds_late)})")
+    lines.append(growth_line(disk, warm_up))
     by_action = Counter()
     for (action, status), n in stats.answers.items():
         by_action[action] += n
@@ -290,7 +318,7 @@ def summary(stats, samples, started, ended, counts, folder, pending):
     for name, text in logs.items():
         errors = [line for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL"))]
         kinds = Counter(line.split()[2] if len(line.split()) > 2 else line for line in errors)
-        lines.append(f"{name} log  {len(text.splitlines())} lines at WARNING+, {len(errors)} ERROR"
+        lines.append(f"{name} log  {len(text.splitlines())} lines, {len(errors)} ERROR"
                      + (f" {dict(kinds.most_common(5))}" if kinds else "")
                      + ("  TRACEBACK PRESENT" if "Traceback" in text else ""))
     database = folder / "bridge.db"
@@ -304,7 +332,7 @@ def summary(stats, samples, started, ended, counts, folder, pending):
 def run(args, folder):
     with harness.RemoteSimulator(seed, args.products) as remote:
         port = harness.free_port()
-        env = environment(remote, folder, port, args.products)
+        env = environment(remote, folder, port, args.products, args.log_level)
         procs = {"web": harness.start("web", env, folder), "worker": harness.start("worker", env, folder)}
         try:
             base = f"http://127.0.0.1:{port}"
@@ -327,11 +355,12 @@ def drive(args, base, remote, procs, folder):
     started = time.monotonic()
     for thread in threads:
         thread.start()
-    samples, previous, last_report = [], Counter(), started
+    samples, disk, previous, last_report = [], [], Counter(), started
     end = started + args.minutes * 60
     while True:
         now = time.monotonic()
         samples.append((now - started, {name: memory(proc.pid) for name, proc in procs.items()}))
+        disk.append((now - started, orders_answered(stats), footprint(folder)))
         for name, proc in procs.items():
             if proc.poll() is not None:
                 print(f"!! {name} exited with {proc.returncode}", flush=True)
@@ -349,7 +378,8 @@ def drive(args, base, remote, procs, folder):
     for thread in threads:
         thread.join(35)
     ended = time.monotonic()
-    print(summary(stats, samples, started, ended, remote.counts(), folder, len(g2a.pending)), flush=True)
+    print(summary(stats, samples, disk, args.warm_up * 60, started, ended, remote.counts(), folder,
+                  len(g2a.pending)), flush=True)
 
 
 def main(argv=None):
@@ -360,6 +390,9 @@ def main(argv=None):
     parser.add_argument("--products", type=int, default=2000, help="mapped products (default 2000)")
     parser.add_argument("--change-every", type=float, default=2.0, help="seconds between CWS changes (default 2)")
     parser.add_argument("--change-count", type=int, default=3, help="products changed each time (default 3)")
+    parser.add_argument("--warm-up", type=float, default=1.0,
+                        help="minutes left out of the RSS slope and the growth figures (default 1)")
+    parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of web and worker (default INFO, as deployed)")
     parser.add_argument("--keep", action="store_true", help="keep the data folder (logs, database) afterwards")
     args = parser.parse_args(argv)
     if args.keep:

@@ -6,6 +6,7 @@ import logging
 
 from . import db
 from .errors import UpstreamError
+from .g2a import OFFER_TYPE
 from .log import event
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class Catalogue:
         self.cws, self.g2a = cws, g2a
         self._checked = None  # G2A product ids the last offer discovery looked for (None: not run yet)
         self._limits = set()  # G2A product ids whose priceLimit this process looked up
+        self._other_types = set()  # ids of offers of another type, warned about once per process
 
     # ---- CWS -------------------------------------------------------------------------------
 
@@ -57,7 +59,7 @@ class Catalogue:
     def discover(self, report):
         """Match offers to products by G2A product id and take G2A's view of each as the confirmed state."""
         try:
-            offers = _offers_by_product(self.g2a.offers())
+            offers = _offers_by_product(self._dropshipping(self.g2a.offers()))
         except UpstreamError as err:
             report.error(f"G2A offers: {err}")
             return
@@ -74,6 +76,16 @@ class Catalogue:
                         db.Product.g2a_id == g2a_id).execute()
         self._checked = {g2a_id for g2a_id, *_ in rows}
         event(log, "sync.offers_discovered", offers=len(offers), products=len(rows))
+
+    def _dropshipping(self, offers):
+        """Only dropshipping offers are ours to match and write (we PATCH as dropshipping); warn once about others."""
+        for offer in offers:
+            if offer.type == OFFER_TYPE:
+                yield offer
+            elif offer.id not in self._other_types:
+                self._other_types.add(offer.id)
+                event(log, "sync.offer_other_type", level=logging.WARNING, offer=offer.id,
+                      product=offer.product_id, type=offer.type)
 
     def forget_offer(self, g2a_id):
         """Look for this product's offer again at the next discovery (a 404, or a creation that may have happened)."""

@@ -75,7 +75,7 @@ def _cmd_status(args):
 def _cmd_pause(args):
     start(args, require_credentials=False)
     pause.set_paused(True)
-    print(f"paused: G2A sees no stock, offers are not activated; {pause.REMEDY}")
+    print(f"paused: {pause.EFFECT}; {pause.REMEDY}")
     return 0
 
 

@@ -23,6 +23,7 @@ from .sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, DEMO_P
 
 ROOT = Path(__file__).resolve().parent.parent
 SWITCH_CWS, SWITCH_G2A = DEMO_PRODUCTS[0][0], int(DEMO_PRODUCTS[0][1])
+SERVE_ORDER = 80201000000003  # the G2A order id of the curl lines --serve prints (the walkthrough used 1 and 2)
 SKYLINES_CWS, SKYLINES_G2A = DEMO_PRODUCTS[1][0], int(DEMO_PRODUCTS[1][1])
 
 
@@ -169,10 +170,13 @@ Everything is up. Ctrl-C stops it.
   bridge (G2A calls this):   {bridge.base}
   credentials for G2A:       client_id={bridge.client_id} client_secret={bridge.client_secret}
   fake CWS / fake G2A:       {sim.cws_url} / {sim.g2a_url}
-Try:
+Try (G2A's side: a token, a reservation, the order, its inventory; then CWS selling out):
   TOKEN=$(curl -s "{bridge.base}/oauth/token?grant_type=client_credentials&client_id={bridge.client_id}&client_secret={bridge.client_secret}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-  curl -s -X POST {bridge.base}/reservation -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '[{{"product_id": {SWITCH_G2A}, "quantity": 1}}]'
+  RESERVATION=$(curl -s -X POST {bridge.base}/reservation -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '[{{"product_id": {SWITCH_G2A}, "quantity": 1}}]' | python3 -c 'import json,sys; print(json.load(sys.stdin)["reservation_id"])')
+  curl -s -X POST {bridge.base}/order -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{{"reservation_id": "'$RESERVATION'", "g2a_order_id": {SERVE_ORDER}}}'
+  curl -s {bridge.base}/order/{SERVE_ORDER}/inventory -H "Authorization: Bearer $TOKEN"   # the key again (G2A's order id works)
   curl -s -X POST {sim.cws_url}/_sim/products/{SWITCH_CWS} -d '{{"quantity": 0}}'   # CWS sells out: the offer goes inactive
+(each new order needs a new g2a_order_id)
 """, flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

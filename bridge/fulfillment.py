@@ -5,6 +5,7 @@ history by our client order id, and sent again (with the same id) only when CWS 
 """
 import contextlib
 import contextvars
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,11 @@ from .pricing import break_even_price
 log = logging.getLogger(__name__)
 
 G2A_BUDGET = 7.0  # G2A gives POST /order 9 s; the rest is for the claim, rendering and the network
-INLINE_STEPS = (0.5, 1.0, 1.0, 1.0, 1.5, 1.5)  # re-GETs of the CWS order while G2A waits
+INLINE_STEPS = (0.5, 1.0, 1.0, 1.0)  # re-GETs of the CWS order while G2A waits, then every INLINE_STEP_AFTER
+INLINE_STEP_AFTER = 1.5
+# The last re-GET starts this long before the inline budget ends, so its answer still makes the 200;
+# a gap shorter than INLINE_MIN_STEP before it is not worth another CWS call.
+INLINE_LAST_CHECK, INLINE_MIN_STEP = 0.25, 0.1
 MIN_POLL, MAX_POLL, PREORDER_POLL = 1.0, 10.0, 300.0  # seconds between worker checks of one order
 CLAIM_MIN_AGE = 5.0  # a younger claim is probably still being placed by the web process
 RECOVERY_RECHECK = 10.0  # history look-ups of one unresolved claim, at most this often
@@ -204,11 +209,14 @@ class Fulfilment:
             self._check_loss(order, now)
 
     def _wait_inline(self, order, now, started):
-        for step in INLINE_STEPS:
+        """Re-read the CWS order until it delivers or the whole inline budget is used (not the steps' sum)."""
+        last_check = started + self.inline_budget - INLINE_LAST_CHECK
+        for step in itertools.chain(INLINE_STEPS, itertools.repeat(INLINE_STEP_AFTER)):
             current = claims.get_order(order.id)
-            if current.state != db.FULFILLING or self.clock() + step > started + self.inline_budget:
+            left = last_check - self.clock()
+            if current.state != db.FULFILLING or left < INLINE_MIN_STEP:
                 return
-            self.sleep(step)
+            self.sleep(min(step, left))
             self._check(current, self._now(now, started))
 
     # ---- following a CWS order ------------------------------------------------------------------

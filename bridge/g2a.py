@@ -29,6 +29,7 @@ class Offer:
     stock: int
     active: bool
     status: str
+    type: str = OFFER_TYPE  # G2A's offer type; only dropshipping offers are ours to match and write
 
 
 class G2aClient:
@@ -52,17 +53,20 @@ class G2aClient:
         return self._upstream.request(method, path, budget=BUDGET, **options)
 
     def offers(self):
-        """Every offer of ours, page by page; an entry we cannot read is logged and skipped."""
+        """Every offer of ours, page by page; an entry we cannot read is logged and skipped.
+
+        Paged by the size G2A says it served (meta.itemsPerPage), which may be smaller than the size we ask
+        for; an empty page ends the listing whatever the total claims."""
         page = 1
         while True:
             body = self._request("GET", "/v3/sales/offers",
                                           params={"page": page, "itemsPerPage": PAGE_SIZE})
-            items, total = _page(body)
+            items, total, served = _page(body)
             for item in items:
                 offer = _offer(item)
                 if offer is not None:
                     yield offer
-            if not items or page * PAGE_SIZE >= total:
+            if not items or page * served >= total:
                 return
             page += 1
 
@@ -139,9 +143,14 @@ def _page(body):
         raise _bad("offers page has no data list")
     meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
     total = meta.get("totalResults")
-    if isinstance(total, bool) or not isinstance(total, int):
+    if not _count(total):
         raise _bad("offers page has no meta.totalResults")
-    return body["data"], total
+    served = meta.get("itemsPerPage")
+    return body["data"], total, served if _count(served) and served > 0 else len(body["data"])
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _offer(item):
@@ -154,9 +163,20 @@ def _offer(item):
         stock = inventory.get("size", 0)
         if isinstance(stock, bool) or not isinstance(stock, int) or stock < 0 or not str(item["id"]):
             raise ValueError("inventory.size")
-        return Offer(str(item["id"]), int(str(product["id"])), _decimal(item.get("price")), stock, active, status)
+        return Offer(str(item["id"]), int(str(product["id"])), _price(item), stock, active, status,
+                     str(item.get("type") or OFFER_TYPE))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         event(log, "g2a.offer_unreadable", level=logging.WARNING, offer=_field(item, "id"), error=repr(exc))
+        return None
+
+
+def _price(item):
+    """The offer's price, or None (unknown: the next sync writes ours) when G2A sends a shape we cannot read."""
+    try:
+        return _decimal(item.get("price"))
+    except ValueError:
+        event(log, "g2a.offer_price_unreadable", level=logging.WARNING, offer=item.get("id"),
+              price=repr(item.get("price"))[:80])
         return None
 
 

@@ -8,6 +8,9 @@ from .log import event
 log = logging.getLogger(__name__)
 KEY = "paused"
 REMEDY = 'run "g2a-bridge resume" to resume'
+# What pausing does, said as it is (docs/decisions.md, issue 13): G2A's offers keep their stock.
+EFFECT = ("within 2 s every reservation is refused as out of stock, so nothing new is sold; G2A offers keep "
+          "their price and stock (sync only lowers stock and activates nothing)")
 
 
 class PauseSwitch:

@@ -25,6 +25,7 @@ DEFAULT_KEYS = {"fixed_profit", "fee_percentage"}
 # Free-text keys an operator may add for their own notes.
 NOTE_KEYS = {"name", "comment", "note"}
 CHUNK = 500  # rows per bulk statement (SQLite's bound-variable limit)
+REFUSED_KEY = "products.refused"  # setting: {"file", "problems"} while the file on disk is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +284,10 @@ class MappingWatcher:
             self.problems = exc.problems
             event(log, "products.refused", level=logging.ERROR, file=str(self.path),
                   problems="; ".join(exc.problems), remedy="the previous mapping stays in force")
+            db.put_setting(REFUSED_KEY, json.dumps({"file": str(self.path), "problems": exc.problems}))
             return False
         self.problems = []
+        db.Setting.delete().where(db.Setting.key == REFUSED_KEY).execute()
         counts = apply_mapping(mappings)
         event(log, "products.loaded", file=str(self.path), products=len(mappings), **counts)
         return True

@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from peewee import fn
 
 from . import db, freshness, lease, pause, stuck
+from .products import REFUSED_KEY
 from .stock import BALANCE_KEY
 
 WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
@@ -25,6 +26,7 @@ def collect(settings, now):
     figures = {
         "selling": "paused" if pause.read_paused(not settings.service_enabled) else "running",
         "products": _products(),
+        "products_refused": _refused(),
         "offers": counts(db.Product.sync_state, SYNC_STATES, db.Product.mapped == True),  # noqa: E712
         "orders": counts(db.Order.state, db.ORDER_STATES),
         "last_sync": _last_sync(now),
@@ -45,6 +47,12 @@ def collect(settings, now):
 def _products():
     mapped = db.Product.select().where(db.Product.mapped == True)  # noqa: E712
     return {"mapped": mapped.count(), "enabled": mapped.where(db.Product.enabled == True).count()}  # noqa: E712
+
+
+def _refused():
+    """What the web or worker last found wrong with products.json (None when they accepted it)."""
+    data = _json(db.get_setting(REFUSED_KEY, ""))
+    return {"file": str(data.get("file")), "problems": list(data.get("problems") or [])} if data else None
 
 
 def counts(column, names, *where):
@@ -123,6 +131,11 @@ def worker_budgets():
 def attention(figures, settings):
     """One line per thing that needs the operator, with what to do about it."""
     lines = []
+    refused = figures["products_refused"]
+    if refused is not None:
+        more = f" (and {len(refused['problems']) - 1} more)" if len(refused["problems"]) > 1 else ""
+        lines.append(f"{refused['file']} is refused, the previous mapping stays in force: "
+                     f"{(refused['problems'] or ['unreadable'])[0]}{more}; fix it (g2a-bridge doctor lists every problem)")
     worker = figures["worker"]
     if worker is None or worker["heartbeat_age_seconds"] > lease.TTL.total_seconds():
         lines.append("worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)")
@@ -152,7 +165,7 @@ def render(figures):
     offers, orders = figures["offers"], figures["orders"]
     rows = [
         ("selling", figures["selling"]),
-        ("products", f"{figures['products']['mapped']} mapped ({figures['products']['enabled']} enabled)"),
+        ("products", _products_text(figures["products"], figures["products_refused"])),
         ("offers", f"{offers['in_sync']} in sync, {offers['pending']} pending, {offers['failed']} failed"),
         ("orders", ", ".join(f"{state} {count}" for state, count in orders.items())),
         ("last sync", _sync_text(figures["last_sync"])),
@@ -168,6 +181,11 @@ def render(figures):
     lines = [f"{label:<14} {value}" for label, value in rows]
     lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
     return "\n".join(lines)
+
+
+def _products_text(products, refused):
+    text = f"{products['mapped']} mapped ({products['enabled']} enabled)"
+    return text + ("; products.json refused, see below" if refused is not None else "")
 
 
 def budgets_text(budgets):

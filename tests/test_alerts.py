@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fake_webhook import webhook  # noqa: F401 (a fixture)
 
-from bridge import alerts, db
+from bridge import alerts, db, status
 from bridge.config import Settings
 from bridge.log import Masker, TextFormatter
 
@@ -89,8 +89,10 @@ def test_an_alert_is_given_up_after_the_last_attempt(database, webhook, logged):
     assert len(webhook.posts) == 1
 
 
-def test_without_a_webhook_url_alerts_are_only_logged_and_kept(database, logged):
+def test_without_a_webhook_url_a_logged_alert_counts_as_delivered_and_nothing_waits(database, logged):
     alerts.raise_alert("auction_deactivated", "offer-1", "G2A deactivated offer offer-1", NOW)
-    assert alerts.dispatch_pending(Settings(), NOW) == 0
-    assert db.Alert.get().attempts == 0
     assert "alert.auction_deactivated" in logged.getvalue()
+    assert alerts.dispatch_pending(Settings(), NOW) == 1
+    assert db.Alert.get().sent_at == NOW and db.Alert.get().attempts == 0
+    assert status.collect(Settings(), NOW)["alerts_unsent"] == 0
+    assert alerts.raise_alert("auction_deactivated", "offer-1", "again", NOW + timedelta(minutes=1)) is False

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -20,6 +21,7 @@ from bridge.budget import budgets_for
 from bridge.cli import COMMANDS, main
 from bridge.config import Settings
 from bridge.metrics import Metrics
+from bridge.products import MappingWatcher
 from bridge.sweep import LISTING_KEY
 
 ORDER_IDS = iter(range(80201000000101, 80201000000999))
@@ -189,6 +191,7 @@ def test_status_exits_1_and_says_so_when_the_worker_is_not_running(bridge_env, w
 def test_pause_stops_selling_within_2_seconds_and_resume_restarts_it(bridge_env, running):
     result = run_cli(bridge_env, "pause")
     assert result.returncode == 0 and 'run "g2a-bridge resume" to resume' in result.stdout
+    assert "G2A sees no stock" not in result.stdout and "G2A offers keep their price and stock" in result.stdout
     time.sleep(2.1)
     refused = running.reserve((SWITCH, 1))
     assert refused.status_code == 400 and refused.json()["stock"][0]["inventory_size"] == 0
@@ -309,6 +312,33 @@ def test_demo_plays_a_sale_and_exits_0_within_60_seconds():
     assert int(re.search(r"demo finished in (\d+) s", result.stdout)[1]) < 60
 
 
+def test_demo_serve_prints_curl_lines_that_order_a_key_and_read_the_inventory():
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    demo = subprocess.Popen([sys.executable, "-m", "bridge", "demo", "--serve"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    watchdog = threading.Timer(150, demo.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in demo.stdout:
+            if line.startswith("Try") or lines:
+                lines.append(line)
+            if line.startswith("(each new order"):
+                break
+        commands = [line.strip() for line in lines if line.startswith("  ")]
+        assert any("/order " in command for command in commands) and any("/inventory" in c for c in commands)
+        script = "".join(f"{command}\necho\n" for command in commands[:4])  # each answer on a line of its own
+        tried = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0, tried.stderr
+        order_answer, inventory_answer = [line for line in tried.stdout.splitlines() if line]
+        key = json.loads(order_answer)["stock"][0]["inventory"][0]["value"]
+        assert key.startswith("SIM-") and json.loads(inventory_answer)[0]["inventory"][0]["value"] == key
+    finally:
+        watchdog.cancel()
+        demo.send_signal(signal.SIGINT)
+        demo.wait(30)
+
+
 def _answers(url):
     try:
         return requests.post(url, timeout=1).status_code in (400, 401)
@@ -334,6 +364,23 @@ def test_status_lists_what_needs_attention(database):
     for needle in ("! worker is not running", "! 1 paid orders without keys (oldest 0 s): g2a-bridge order o1 says",
                    "! last sync pass was 5 min ago", "! CWS balance 12.50 EUR is below CWS_LOW_BALANCE 50"):
         assert needle in text
+
+
+def test_status_reports_a_refused_products_json_until_a_good_one_is_loaded(database, tmp_path):
+    path = tmp_path / "products.json"
+    path.write_text('{"products": [{"cws_product_id": "not-a-uuid", "g2a_product_id": 1}]}')
+    watcher = MappingWatcher(path, Decimal("0.50"), Decimal("0.15"))
+    db.Lease.create(name="worker", holder="h:1:x", expires_at=db.utcnow(), heartbeat_at=db.utcnow())
+    watcher.poll()
+    figures = status.collect(Settings(), db.utcnow())
+    assert figures["products_refused"]["file"] == str(path)
+    text = status.render(figures)
+    assert "all good" not in text
+    assert f"! {path} is refused, the previous mapping stays in force: " in text and "cws_product_id" in text
+    path.write_text(json.dumps({"products": DEMO}))
+    watcher.poll()
+    figures = status.collect(Settings(), db.utcnow())
+    assert figures["products_refused"] is None and figures["attention"] == []
 
 
 def test_status_shows_the_workers_budget_use_and_429s_per_class(database):

@@ -212,6 +212,32 @@ def test_a_delayed_order_completing_within_the_inline_budget_answers_200(shop, s
     assert shop.clock.slept[:3] == [0.5, 1.0, 1.0] and sum(shop.clock.slept) <= 5.0
 
 
+def cws_calls_take(shop, seconds):
+    """Each CWS purchase and order read costs `seconds` on the shop's clock, as a real CWS's do."""
+    for name in ("place_order", "order"):
+        call = getattr(shop.cws, name)
+        setattr(shop.cws, name, lambda *args, call=call, **kwargs: shop.clock.sleep(seconds) or call(*args, **kwargs))
+
+
+def test_an_order_cws_completes_after_4_5_s_still_answers_200_within_the_default_5_s(shop, sim):
+    cws_calls_take(shop, 0.2)
+    sim.cws.set_fulfilment(SWITCH_CWS, "delayed", polls=4)  # the keys come with the fifth read, at ~4.7 s
+    status, _ = shop.order()
+    assert status == 200
+    assert shop.clock() <= 5.0
+
+
+@pytest.mark.parametrize("setting, budget", [(5.0, 5.0), (2.0, 2.0), (30.0, 7.0)])
+def test_a_slow_order_is_re_read_for_the_whole_inline_wait_up_to_the_7_s_cap(shop, sim, setting, budget):
+    cws_calls_take(shop, 0.2)
+    sim.cws.set_fulfilment(SWITCH_CWS, "delayed", polls=100)
+    shop.settings = shop.settings.replace(order_inline_wait=setting)
+    shop.service = shop.fulfilment()
+    status, _ = shop.order()
+    assert status == 202
+    assert budget - 0.35 <= shop.clock() <= budget
+
+
 def test_a_slow_order_answers_202_and_the_worker_delivers_the_keys_later(shop, sim):
     sim.cws.set_fulfilment(SWITCH_CWS, "delayed", polls=20)
     status, body = shop.order(SWITCH, 2)

@@ -87,6 +87,37 @@ def test_offers_are_read_page_by_page_until_the_total_is_reached(client, http):
     assert queries == [{"page": ["1"], "itemsperpage": ["100"]}, {"page": ["2"], "itemsperpage": ["100"]}]
 
 
+def test_offers_are_paged_by_the_page_size_g2a_served_not_the_one_we_asked_for(client, http):
+    pages = [{"json": {"data": [offer_json(f"o{i}", 1000 + i) for i in range(start, min(start + 20, 50))],
+                       "meta": {"page": number, "itemsPerPage": 20, "totalResults": 50}}}
+             for number, start in ((1, 0), (2, 20), (3, 40))]
+    http.get(f"{BASE}/v3/sales/offers", pages)
+    assert [offer.id for offer in client.offers()] == [f"o{i}" for i in range(50)]
+    assert [r.qs["page"] for r in http.request_history if r.path == "/v3/sales/offers"] == [["1"], ["2"], ["3"]]
+
+
+def test_an_empty_page_ends_the_listing_whatever_the_total_claims(client, http):
+    pages = [{"json": {"data": [offer_json("o1", 1)], "meta": {"page": 1, "itemsPerPage": 1, "totalResults": 9}}},
+             {"json": {"data": [], "meta": {"page": 2, "itemsPerPage": 1, "totalResults": 9}}}]
+    http.get(f"{BASE}/v3/sales/offers", pages)
+    assert [offer.id for offer in client.offers()] == ["o1"]
+    assert len([r for r in http.request_history if r.path == "/v3/sales/offers"]) == 2
+
+
+@pytest.mark.parametrize("price", [{"amount": "5.30", "currency": "EUR"}, ["5.30"], "five", "NaN"])
+def test_an_offer_with_an_unreadable_price_is_kept_with_the_price_unknown(client, http, price):
+    http.get(f"{BASE}/v3/sales/offers", json={"data": [offer_json("o1", 7, price=price)], "meta": {"totalResults": 1}})
+    assert list(client.offers()) == [Offer("o1", 7, None, 3, True, "active")]
+
+
+def test_the_offer_type_is_read_and_an_untyped_offer_counts_as_dropshipping(client, http):
+    untyped = offer_json("o2", 8)
+    del untyped["type"]
+    http.get(f"{BASE}/v3/sales/offers", json={"data": [{**offer_json("o1", 7), "type": "promo"}, untyped],
+                                              "meta": {"totalResults": 2}})
+    assert [(offer.id, offer.type) for offer in client.offers()] == [("o1", "promo"), ("o2", "dropshipping")]
+
+
 def test_an_unreadable_offer_is_skipped_not_fatal(client, http):
     http.get(f"{BASE}/v3/sales/offers", json={"data": [{"id": "broken"}, offer_json("o2", 7, status="inactive"),
                                                         {**offer_json("o3", 8), "inventory": {"size": -1}}],

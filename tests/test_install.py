@@ -7,14 +7,22 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import DEMO, free_port, write_products
 from dotenv import dotenv_values
+
+from bridge.postbacks import expected_hash
+from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, G2A_API_KEY, G2A_API_SECRET
 
 REPO = Path(__file__).resolve().parent.parent
 OPERATOR_MD = REPO.parent / "shared" / "OPERATOR.md"
@@ -151,10 +159,9 @@ def test_the_units_point_at_the_prefix(install):
         text = (install.unit_dir / unit).read_text()
         command = "web" if "web" in unit else "worker"
         assert f"ExecStart={install.code}/.venv/bin/python -P -m bridge {command}\n" in text
-        assert f"EnvironmentFile={install.env_file}\n" in text
+        assert f"Environment=ENV_FILE={install.env_file}\n" in text
         assert "WorkingDirectory=/\n" in text
         assert f"ReadWritePaths={install.data}\n" in text
-        assert f"DATABASE_URL=sqlite:///{install.data}/bridge.db\n" in text
         # Every path in the unit was moved under the prefix.
         for line in text.splitlines():
             for path in re.findall(r"/(?:opt|etc|var/lib)/g2a-bridge", line):
@@ -258,10 +265,10 @@ HARDENING = {
 }
 
 
-def unit_settings(unit):
+def unit_settings(unit, folder=REPO / "systemd"):
     """(section, key) -> list of values; systemd units repeat keys, so configparser won't do."""
     settings, section = {}, None
-    for line in (REPO / "systemd" / unit).read_text().splitlines():
+    for line in (folder / unit).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -280,9 +287,11 @@ def test_each_unit_runs_its_command_as_the_service_user_with_the_installed_confi
     # Safe path mode, started in a folder the service user cannot write: nothing in the data folder is imported.
     assert service["ExecStart"] == [f"/opt/g2a-bridge/.venv/bin/python -P -m bridge {command}"]
     assert service["WorkingDirectory"] == ["/"]
-    assert service["EnvironmentFile"] == ["/etc/g2a-bridge/bridge.env"]
-    assert "PRODUCTS_FILE=/etc/g2a-bridge/products.json" in service["Environment"]
-    assert "DATABASE_URL=sqlite:////var/lib/g2a-bridge/bridge.db" in service["Environment"]
+    # bridge.env is read by the bridge (python-dotenv), never by systemd, and is the only source of settings.
+    assert "EnvironmentFile" not in service
+    assert "ENV_FILE=/etc/g2a-bridge/bridge.env" in service["Environment"]
+    assert not [value for value in service["Environment"] if value.split("=")[0] in NAME_RE.findall(
+        (REPO / "bridge.env.example").read_text())]
     assert service["User"] == service["Group"] == ["g2a-bridge"]
     assert service["Restart"] == ["on-failure"]
     assert service["RestartSec"] == ["5"]
@@ -362,3 +371,271 @@ def test_the_env_example_leaves_credentials_empty_and_everything_else_at_its_def
 def test_products_json_is_the_documented_example():
     documented = operator_md_section("products.json").split("```json\n")[1].split("```")[0]
     assert json.loads((REPO / "products.json").read_text()) == json.loads(documented)
+
+
+def test_the_env_example_names_only_files_the_repo_has():
+    example = (REPO / "bridge.env.example").read_text()
+    for name in set(re.findall(r"\b[\w.-]+\.(?:md|json|sh)\b", example)):
+        assert (REPO / name).exists() or (REPO / "docs" / name).exists(), f"bridge.env.example points to {name}"
+
+
+def systemd_env_file(path):
+    """KEY=value lines as systemd's EnvironmentFile= reads them (systemd.exec(5)): whole-line comments only, so an
+    inline "# note" stays in the value; one pair of surrounding quotes is removed."""
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def test_the_env_example_parses_the_same_for_systemd_and_python_dotenv():
+    example = REPO / "bridge.env.example"
+    assert systemd_env_file(example) == dotenv_values(example)
+
+
+# --- the installed units and wrapper, run as systemd and an operator would ---------------------------------
+# These edit the installed bridge.env (restored afterwards), so they stay last in the module.
+
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def unit_process(unit_file):
+    """(argv, cwd, environment) of a unit's ExecStart as systemd starts it: Environment= lines, then
+    EnvironmentFile= files read systemd's way, and no other variable but PATH."""
+    service = {key: values for (section, key), values in unit_settings(unit_file.name, unit_file.parent).items()
+               if section == "Service"}
+    env = {"PATH": SYSTEMD_PATH}
+    for line in service.get("Environment", []):
+        env.update(item.partition("=")[::2] for item in shlex.split(line))
+    for path in service.get("EnvironmentFile", []):
+        env.update(systemd_env_file(path.lstrip("-")))
+    (command,) = service["ExecStart"]
+    return shlex.split(command), service["WorkingDirectory"][0], env
+
+
+@pytest.fixture
+def live_config(install, sim, tmp_path):
+    """The installed bridge.env filled in as an operator would, inline comments included, pointed at the
+    simulator; yields the web's base URL."""
+    original = install.env_file.read_bytes()
+    port = free_port()
+    install.env_file.write_bytes(original + (
+        "\n# Filled in by the operator.\n"
+        f"CWS_CLIENT_ID={CWS_CLIENT_ID}\nCWS_CLIENT_SECRET={CWS_CLIENT_SECRET}\n"
+        f"CWS_CLIENT_SIGNATURE='{CWS_CLIENT_SIGNATURE}'   # from the CWS panel\n"
+        f"G2A_API_KEY={G2A_API_KEY}\nG2A_API_SECRET={G2A_API_SECRET}\n"
+        "G2A_ENV=sandbox  # testing\n"
+        f"CWS_API_BASE_URL={sim.cws_url}\nG2A_API_BASE_URL={sim.g2a_url}\n"
+        f"PORT={port}  # behind Caddy\nSYNC_INTERVAL_SECONDS=1\n"
+        f"DATABASE_URL=sqlite:///{tmp_path}/bridge.db\n"
+        f"PRODUCTS_FILE={tmp_path}/products.json\n").encode())
+    write_products(tmp_path / "products.json", DEMO)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        install.env_file.write_bytes(original)
+
+
+def start_process(argv, cwd, env, log_path, shell=False):
+    """In a session of its own, so that stopping it also stops a command a shell runs (the printed lines)."""
+    log = open(log_path, "wb")
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, shell=shell,
+                               start_new_session=True)
+    log.close()
+    return process
+
+
+def stop_process(process):
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_until(check, what, process, log_path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: exit {process.poll()}\n{Path(log_path).read_text(errors='replace')}")
+
+
+def health(url):
+    try:
+        return requests.get(f"{url}/health", timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_the_installed_units_run_with_the_config_the_cli_reads_inline_comments_included(install, live_config,
+                                                                                           tmp_path):
+    web_log, worker_log = tmp_path / "web.log", tmp_path / "worker.log"
+    web = start_process(*unit_process(install.unit_dir / "g2a-bridge-web.service"), web_log)
+    worker = start_process(*unit_process(install.unit_dir / "g2a-bridge-worker.service"), worker_log)
+    try:
+        wait_until(lambda: health(live_config), "the web unit serving /health", web, web_log)
+        postback = {"type": "STOCK", "authHash": expected_hash(CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE),
+                    "products": [{"productId": DEMO[0]["cws_product_id"]}]}
+        assert requests.post(f"{live_config}/cws/postback", json=postback, timeout=5).status_code == 200
+        wait_until(lambda: "sync.full_pass" in worker_log.read_text(errors="replace"),
+                   "the worker unit completing a sync pass", worker, worker_log)
+    finally:
+        stop_process(web)
+        stop_process(worker)
+
+
+def foreground_commands(output):
+    return [line.strip() for line in output.splitlines() if line.strip().startswith("cd ") and " -m bridge " in line]
+
+
+def test_the_install_prints_the_two_foreground_commands_and_they_run_as_the_units_do(install, live_config,
+                                                                                      tmp_path):
+    commands = foreground_commands(install.runs["first"].stdout)
+    assert [command.rsplit(" ", 1)[1] for command in commands] == ["web", "worker"]
+    for command, unit in zip(commands, UNITS):
+        argv, cwd, env = unit_process(install.unit_dir / unit)
+        assert command.startswith(f"cd {cwd} && umask 077 && ") and command.endswith(shlex.join(argv))
+        assert all(f" {name}={value} " in command for name, value in env.items() if name != "PATH")
+    log = tmp_path / "web.log"
+    web = start_process(commands[0], "/", {"PATH": SYSTEMD_PATH}, log, shell=True)
+    try:
+        wait_until(lambda: health(live_config), "the printed web command serving /health", web, log)
+    finally:
+        stop_process(web)
+
+
+def test_the_readme_shows_the_foreground_commands_a_root_install_prints(install):
+    printed = [command.replace(str(install.prefix), "").replace(" env ", " runuser -u g2a-bridge -- env ", 1)
+               for command in foreground_commands(install.runs["first"].stdout)]
+    readme = (REPO / "README.md").read_text().split("### Without systemd")[1].split("```sh\n")[1].split("```")[0]
+    assert readme.splitlines() == printed
+
+
+def test_the_wrapper_gives_help_without_reading_the_config_or_entering_the_data_folder(install):
+    hidden = [(install.env_file, install.env_file.with_name("hidden.env")), (install.data, install.data.with_name("x"))]
+    for path, away in hidden:
+        path.rename(away)
+    try:
+        for args in (["--help"], ["status", "--help"]):
+            result = subprocess.run([str(install.wrapper), *args], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert "usage:" in result.stdout
+        refused = subprocess.run([str(install.wrapper), "status"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "cannot read" in refused.stderr
+    finally:
+        for path, away in hidden:
+            away.rename(path)
+
+
+def test_uninstall_warns_about_running_services_and_removes_the_wants_links(install, tmp_path):
+    at = Installed(tmp_path / "root")
+    shutil.copytree(install.prefix, at.prefix, symlinks=True)
+    wants = at.unit_dir / "multi-user.target.wants"
+    wants.mkdir()
+    for unit in UNITS:
+        (wants / unit).symlink_to(f"../{unit}")
+    # A process that looks like a web started by hand from this install.
+    running = subprocess.Popen(["bash", "-c", 'exec -a "$0" sleep 60', f"{at.code}/.venv/bin/python -m bridge web"])
+    try:
+        result = run_install(REPO, "--uninstall", "--prefix", str(at.prefix), "--no-systemd")
+    finally:
+        running.kill()
+        running.wait()
+    assert_ok(result)
+    assert f"still running (PID {running.pid})" in result.stdout and "keep going" in result.stdout
+    assert not any(wants.iterdir())
+
+
+def test_an_env_file_without_the_paths_gets_this_installs_paths(install, tmp_path):
+    env_file = tmp_path / "bridge.env"
+    env_file.write_text("OUR_API_CLIENT_ID=x\n# DATABASE_URL=sqlite:///elsewhere.db\n")
+    result = source_install(f"VENV={install.code}/.venv ENV_FILE={env_file} DATA_DIR=/srv/data ETC_DIR=/srv/etc",
+                            "append_install_paths")
+    assert result.stdout.split() == ["DATABASE_URL", "PRODUCTS_FILE"]
+    values = dotenv_values(env_file)
+    assert values["DATABASE_URL"] == "sqlite:////srv/data/bridge.db"
+    assert values["PRODUCTS_FILE"] == "/srv/etc/products.json"
+    again = source_install(f"VENV={install.code}/.venv ENV_FILE={env_file} DATA_DIR=/x ETC_DIR=/y",
+                           "append_install_paths")
+    assert again.stdout == "" and dotenv_values(env_file)["DATABASE_URL"] == "sqlite:////srv/data/bridge.db"
+
+
+# --- single install.sh functions (sourced) ------------------------------------------------------------------
+
+def source_install(*lines, path=None):
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    env.pop("SUDO_USER", None)
+    script = "\n".join([f"source {shlex.quote(str(REPO / 'install.sh'))}", *lines])
+    return subprocess.run([shutil.which("bash"), "-c", script], capture_output=True, text=True, env=env, timeout=60)
+
+
+def system_python_is_new_enough():
+    return subprocess.run(["/usr/bin/python3", "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
+                          capture_output=True).returncode == 0 if Path("/usr/bin/python3").exists() else False
+
+
+def test_the_system_python_is_chosen_over_a_python3_first_on_root_path(tmp_path):
+    if not system_python_is_new_enough():
+        pytest.skip("/usr/bin/python3 is missing or older than 3.11")
+    fake_home = tmp_path / "root/.pyenv/shims"
+    fake_home.mkdir(parents=True)
+    (fake_home / "python3").symlink_to(sys.executable)
+    path = f"{fake_home}:{os.environ['PATH']}"
+    assert source_install("PYTHON=", "pick_python", 'echo "$PYTHON"', path=path).stdout == "/usr/bin/python3\n"
+    chosen = source_install("PYTHON=python3", "pick_python", 'echo "$PYTHON"', path=path)
+    assert chosen.stdout == "python3\n"  # an explicit PYTHON is the operator's choice
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
+
+
+@needs_root
+def test_an_interpreter_the_service_user_cannot_run_fails_the_install_in_one_line(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    real = Path(os.path.realpath(sys.executable))
+    shutil.copy2(real, private / "python3")
+    result = source_install(f"check_runnable_by nobody {shlex.quote(str(private / 'python3'))}")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "the service user nobody cannot run" in result.stderr
+    assert source_install("check_runnable_by nobody /usr/bin/python3").returncode == 0
+
+
+def test_an_interpreter_under_a_home_folder_fails_the_install_in_one_line():
+    homed = [python for python in (shutil.which("python3"), sys.executable) if python and
+             os.path.realpath(python).startswith(("/root/", "/home/"))]
+    if not homed:
+        pytest.skip("no Python under /root or /home here")
+    result = source_install(f"check_runnable_by nobody {shlex.quote(homed[0])}")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "ProtectHome=yes" in result.stderr
+
+
+def test_hints_say_sudo_only_to_a_user_who_has_it_and_needs_it(tmp_path):
+    no_sudo = tmp_path / "bin"
+    no_sudo.mkdir()
+    for tool in ("id", "dirname"):
+        if shutil.which(tool):
+            (no_sudo / tool).symlink_to(shutil.which(tool))
+    assert source_install("sudo_prefix", path=str(no_sudo)).stdout == ""
+    fake_sudo = tmp_path / "sudo-bin"
+    fake_sudo.mkdir()
+    (fake_sudo / "sudo").write_text("#!/bin/sh\n")
+    (fake_sudo / "sudo").chmod(0o755)
+    path = f"{fake_sudo}:{os.environ['PATH']}"
+    expected = "" if os.geteuid() == 0 else "sudo "  # root who logged in as root types no sudo
+    assert source_install("sudo_prefix", path=path).stdout == expected
+    if os.geteuid() == 0:
+        assert source_install("export SUDO_USER=alice", "sudo_prefix", path=path).stdout == "sudo "

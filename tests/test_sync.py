@@ -18,7 +18,7 @@ from bridge.sim import (CWS_CLIENT_ID, CWS_CLIENT_SECRET, CWS_CLIENT_SIGNATURE, 
 from bridge.stock import available_stock
 from bridge.offers import ProductState
 from bridge.plan import MISSING_OFFER, inactive_reason, plan, plan_product
-from bridge.sync import LAST_PASS_KEY, SyncEngine, writes_per_pass
+from bridge.sync import LAST_PASS_KEY, PassReport, SyncEngine, writes_per_pass
 
 NOW = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 PATCH = "PATCH /v3/sales/offers/{id}"
@@ -436,6 +436,28 @@ def test_offers_are_discovered_once_and_again_only_for_new_products(world):
     world.sim.g2a.add_offer(late, "9.99", 0)
     world.engine.full_pass()
     assert world.sim.g2a.requests["GET /v3/sales/offers"] == 2  # already looked for: warned once, not re-listed
+
+
+def test_offers_of_a_g2a_that_serves_20_per_page_are_all_found(world):
+    world.sim.g2a.served_page_size = 20
+    products = [world.product(5, offer=("6.48", 5, True))[0] for _ in range(45)]
+    world.map()
+    report = world.engine.full_pass()
+    assert report.failed == 0
+    assert world.sim.g2a.requests["GET /v3/sales/offers"] == 3
+    assert all(db.Product.get_by_id(g2a_id).offer_id for g2a_id in products)
+
+
+def test_offers_of_other_types_are_not_matched_or_written_and_are_warned_about_once(world, caplog):
+    g2a_id, _ = world.product(5)
+    other = world.sim.g2a.add_offer(g2a_id, "9.99", 0, offer_type="promo")
+    world.map()
+    world.engine.full_pass()
+    world.engine.catalogue.discover(PassReport("full", NOW))  # a second listing warns no more
+    assert db.Product.get_by_id(g2a_id).offer_id is None
+    assert not [patch for patch in world.sim.g2a.patches if patch["offer_id"] == other]
+    warnings = [r for r in caplog.records if r.getMessage() == "sync.offer_other_type"]
+    assert len(warnings) == 1
 
 
 def test_a_missing_offer_is_warned_about_once(world, caplog):

@@ -43,7 +43,8 @@ class FakeG2a(FakeApi):
     A change is applied when its job is created, unless the job is doomed to fail (fail_jobs, a price
     outside the product's priceLimit, a duplicate offer). `patches` records every PATCH that reached the
     routes (a fail_next fault answers before that). Knobs: token_ttl, job_polls, create_enabled, delay,
-    hang_seconds, now (token expiry clock), fail_next faults (also "queue_full").
+    hang_seconds, now (token expiry clock), fail_next faults (also "queue_full"), served_page_size (serve that
+    many offers per page whatever itemsPerPage asks, as a G2A that caps pages does).
     """
 
     fault_names = FakeApi.fault_names | {"queue_full"}
@@ -52,6 +53,7 @@ class FakeG2a(FakeApi):
         self.token_ttl = 3600
         self.job_polls = 1
         self.create_enabled = True
+        self.served_page_size = None
         self.offers = {}
         self.patches = []  # {"offer_id", "body", "at": time.monotonic()} for every PATCH that reached us
         self.now = lambda: datetime.now(timezone.utc)  # tests may replace this clock
@@ -84,11 +86,11 @@ class FakeG2a(FakeApi):
 
     # ---- knobs for tests ---------------------------------------------------------------------
 
-    def add_offer(self, product_id, price, stock, active=False, offer_id=None):
+    def add_offer(self, product_id, price, stock, active=False, offer_id=None, offer_type="dropshipping"):
         offer_id = offer_id or str(uuid.uuid4())
         with self._lock:
             self.offers[offer_id] = self._new_offer(offer_id, str(product_id), Decimal(str(price)),
-                                                    int(stock), active, "all")
+                                                    int(stock), active, "all", offer_type)
         return offer_id
 
     def offer_for_product(self, product_id):
@@ -106,8 +108,8 @@ class FakeG2a(FakeApi):
             self._jobs_to_fail += n
 
     @staticmethod
-    def _new_offer(offer_id, product_id, price, stock, active, visibility):
-        return {"id": offer_id, "type": "dropshipping", "status": "active" if active else "inactive",
+    def _new_offer(offer_id, product_id, price, stock, active, visibility, offer_type="dropshipping"):
+        return {"id": offer_id, "type": offer_type, "status": "active" if active else "inactive",
                 "price": f"{price:.2f}", "inventory": {"size": stock}, "visibility": visibility,
                 "product": {"id": product_id, "name": f"Simulated product {product_id}"}, "active": active}
 
@@ -136,6 +138,7 @@ class FakeG2a(FakeApi):
         per_page = _positive_int(request.query.get("itemsPerPage", "20"), "itemsPerPage")
         if per_page > MAX_ITEMS_PER_PAGE:
             raise BadRequest(f"itemsPerPage must be at most {MAX_ITEMS_PER_PAGE}")
+        per_page = self.served_page_size or per_page
         offers = list(self.offers.values())
         start = (page - 1) * per_page
         return {"data": offers[start:start + per_page],
