@@ -40,8 +40,9 @@ class WriterLock:
     def _locked_file(self):
         # Opened per hold (a few microseconds beside a commit): nothing stays open, and a forked child never
         # shares its parent's open file, which would share the lock instead of waiting for it. Read-only is
-        # enough for flock, and works on a lock file another user (an operator's CLI run) created.
-        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # enough for flock. Private (0600) like the database beside it; a lock file a root CLI run created is
+        # handed back to the service user with the data folder by the installed wrapper.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
