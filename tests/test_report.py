@@ -1,5 +1,6 @@
 """`g2a-bridge report`: the money of a seeded set of orders, checked cent for cent against a hand computation,
 on SQLite and PostgreSQL, and the command as an operator runs it."""
+import itertools
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -13,6 +14,7 @@ from bridge.config import Settings
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
 GAME, INDIE, OLD = 10000068865001, 10000068865002, 10000068865003
+G2A_ORDER_IDS = itertools.count(80201000000001)
 SETTINGS = Settings(default_fee=Decimal("0.15"), currency="EUR")
 
 
@@ -24,18 +26,15 @@ def seed_product(g2a_id, fee):
 def seed_order(created, state, items):
     """An order with `items`: (g2a product, item state, source, sale price, unit cost)."""
     reservation = db.Reservation.create(id=str(uuid.uuid4()), state="ordered", expires_at=created)
-    order = db.Order.create(id=str(uuid.uuid4()), reservation=reservation, g2a_order_id=seed_order.next_id,
-                            state=state, cws_client_order_id=f"g2a-{seed_order.next_id}", created_at=created)
-    seed_order.next_id += 1
+    g2a_order_id = next(G2A_ORDER_IDS)
+    order = db.Order.create(id=str(uuid.uuid4()), reservation=reservation, g2a_order_id=g2a_order_id,
+                            state=state, cws_client_order_id=f"g2a-{g2a_order_id}", created_at=created)
     for position, (g2a_id, item_state, source, sale, cost) in enumerate(items):
         db.OrderItem.create(id=str(uuid.uuid4()), order=order, position=position, g2a_product_id=g2a_id,
                             cws_product_id=f"cws-{g2a_id}", source=source, state=item_state,
                             sale_price=sale and Decimal(sale), unit_cost=cost and Decimal(cost),
                             delivered_at=created if item_state in ("delivered", "returned") else None)
     return order
-
-
-seed_order.next_id = 80201000000001
 
 
 def seed_shop():
