@@ -92,7 +92,7 @@ def engine(settings, sim):
     database = migrations.open_database(settings.database_url)
     apply_mapping(load_mapping(settings.products_file, settings.default_fixed_profit, settings.default_fee))
     clock = Clock()
-    budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep)
+    budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep, wall=clock)
     cws = CwsClient(settings, budgets=budgets, sleep=clock.sleep)
     g2a = G2aClient(settings, budgets=budgets, job_poll_interval=0.01)
     sync = SyncEngine(settings, cws, g2a, PauseSwitch())
