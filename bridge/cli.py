@@ -46,9 +46,12 @@ def fulfilment_for(settings):
 
 def _cmd_web(args):
     settings = start(args)
-    web.watch_mapping(settings, threading.Event())
+    stop = threading.Event()
+    web.watch_mapping(settings, stop)
     metrics = Metrics("web")
-    web.serve(settings, web.create_app(settings, metrics=metrics), metrics)
+    app = web.create_app(settings, metrics=metrics)
+    web.publish_metrics(metrics, stop)
+    web.serve(settings, app, metrics)
     return 0
 
 

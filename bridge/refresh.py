@@ -1,35 +1,42 @@
-"""Fresh-enough CWS state for G2A's calls: re-fetch stale products within a time budget, else use the cache.
+"""Fresh-enough CWS state for G2A's calls: re-fetch products not read alone lately within a time budget, else use
+the cache.
 
 G2A gives us about 9 s; a slow CWS must never eat that. One fetch per product is in flight at a
 time (concurrent reservations share it), and a fetch that misses the budget still lands later.
 Once CWS has failed or missed the budget, callers stop waiting for it until a fetch succeeds again. A fetch never
 waits for the request budget (budget.py): when the web's share of single-product reads is spent, the cache answers.
+Those cache answers are logged at most once per FALLBACK_LOG_EVERY seconds per reason, with a count (DEBUG: each).
 """
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from .catalogue import store_cws_products
+from .catalogue import store_checked
 from .errors import BudgetSpent
 from .log import event
 
 log = logging.getLogger(__name__)
+FALLBACK_LOG_EVERY = 60.0  # seconds between WARNING lines about cache answers of one reason
 
 
 class StockRefresher:
-    def __init__(self, cws, max_age, budget=2.0, threads=4):
+    def __init__(self, cws, max_age, budget=2.0, threads=4, clock=time.monotonic):
         self.cws, self.max_age, self.budget = cws, max_age, budget
+        self._fallbacks = FallbackLog(clock)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cws-refresh")
         self._inflight = {}  # product id -> Future; dict ops are atomic under the GIL
         # Set by a fallback, cleared by the next fetch CWS answers. While CWS hangs, every caller waiting out the
         # whole budget would hold a web thread each: at 4x the threads in flight G2A waited 8 s (test_faults.py).
         self._failing = False
 
-    def ensure_fresh(self, fetched_at, now):
-        """Re-fetch products whose cached state is older than max_age, waiting at most `budget` seconds.
+    def ensure_fresh(self, checked_at, now):
+        """Re-fetch products not read alone within max_age, waiting at most `budget` seconds.
 
-        `fetched_at` maps CWS product id -> when we last heard from CWS; True when anything was refreshed.
+        `checked_at` maps CWS product id -> when a read of that product alone (this check or the worker's priority
+        lane) last answered; a sweep page's read does not count, however recent. True when anything was refreshed.
         """
-        stale = sorted(pid for pid, when in fetched_at.items()
+        stale = sorted(pid for pid, when in checked_at.items()
                        if when is None or (now - when).total_seconds() > self.max_age)
         if not stale:
             return False
@@ -39,12 +46,12 @@ class StockRefresher:
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed and not late and all(isinstance(err, BudgetSpent) for err in failed):
             # CWS is fine: this process used its share of the single-product limit. Not a reason to stop waiting.
-            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason="budget")
+            self._fallbacks.note("budget", stale)
         elif late or failed:
             self._failing = True
             reason = str(failed[0]) if failed else (
                 f"CWS slower than {self.budget}s" if patience else "CWS failing: not waiting until it answers again")
-            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason=reason)
+            self._fallbacks.note(reason, stale)
         return True
 
     def _fetch_once(self, product_id, now):
@@ -57,10 +64,35 @@ class StockRefresher:
     def _fetch(self, product_id, now):
         try:
             info = self.cws.product(product_id, wait=False)
-            store_cws_products([info] if info else [], [product_id], now)
+            store_checked([info] if info else [], [product_id], now)
             self._failing = False
         finally:
             self._inflight.pop(product_id, None)
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FallbackLog:
+    """Cache answers by reason: the first one logged at once (WARNING), the next ones counted and logged with their
+    count once FALLBACK_LOG_EVERY seconds have passed. At hundreds of reservations a second on a spent budget a line
+    each would be noise and CPU; each one is still logged at DEBUG."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last, self._unlogged = {}, {}  # reason -> when its last line went out; answers since
+
+    def note(self, reason, products):
+        """One cache answer for `products`; `answers` on a WARNING line counts it and those not logged before it."""
+        with self._lock:
+            now, count = self._clock(), self._unlogged.get(reason, 0) + 1
+            due = reason not in self._last or now - self._last[reason] >= FALLBACK_LOG_EVERY
+            self._unlogged[reason] = 0 if due else count
+            if due:
+                self._last[reason] = now
+        if due:
+            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(products), reason=reason,
+                  answers=count)
+        else:
+            event(log, "stock.cache_fallback", level=logging.DEBUG, products=",".join(products), reason=reason)
