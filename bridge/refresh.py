@@ -5,7 +5,8 @@ G2A gives us about 9 s; a slow CWS must never eat that. One fetch per product is
 time (concurrent reservations share it), and a fetch that misses the budget still lands later.
 Once CWS has failed or missed the budget, callers stop waiting for it until a fetch succeeds again. A fetch never
 waits for the request budget (budget.py): when the web's share of single-product reads is spent, the cache answers.
-Those cache answers are logged at most once per FALLBACK_LOG_EVERY seconds per reason, with a count (DEBUG: each).
+Those cache answers are logged at most once per FALLBACK_LOG_EVERY seconds, with a count (each one at DEBUG); a
+cache answer because CWS failed is logged each time (rare, and each is a sale on stock nobody could check).
 """
 import logging
 import threading
@@ -23,7 +24,7 @@ FALLBACK_LOG_EVERY = 60.0  # seconds between WARNING lines about cache answers o
 class StockRefresher:
     def __init__(self, cws, max_age, budget=2.0, threads=4, clock=time.monotonic):
         self.cws, self.max_age, self.budget = cws, max_age, budget
-        self._fallbacks = FallbackLog(clock)
+        self._budget_spent = BudgetFallbacks(clock)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cws-refresh")
         self._inflight = {}  # product id -> Future; dict ops are atomic under the GIL
         # Set by a fallback, cleared by the next fetch CWS answers. While CWS hangs, every caller waiting out the
@@ -46,12 +47,12 @@ class StockRefresher:
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed and not late and all(isinstance(err, BudgetSpent) for err in failed):
             # CWS is fine: this process used its share of the single-product limit. Not a reason to stop waiting.
-            self._fallbacks.note("budget", stale)
+            self._budget_spent.note(stale)
         elif late or failed:
             self._failing = True
             reason = str(failed[0]) if failed else (
                 f"CWS slower than {self.budget}s" if patience else "CWS failing: not waiting until it answers again")
-            self._fallbacks.note(reason, stale)
+            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason=reason)
         return True
 
     def _fetch_once(self, product_id, now):
@@ -73,26 +74,23 @@ class StockRefresher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class FallbackLog:
-    """Cache answers by reason: the first one logged at once (WARNING), the next ones counted and logged with their
-    count once FALLBACK_LOG_EVERY seconds have passed. At hundreds of reservations a second on a spent budget a line
-    each would be noise and CPU; each one is still logged at DEBUG."""
+class BudgetFallbacks:
+    """Cache answers because the budget was spent: the first logged at once (WARNING), the next ones counted and
+    logged with their count once FALLBACK_LOG_EVERY seconds have passed. At hundreds of reservations a second on a
+    spent budget a line each would be noise and CPU; each one is still logged at DEBUG."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()
-        self._last, self._unlogged = {}, {}  # reason -> when its last line went out; answers since
+        self._last, self._unlogged = None, 0  # when the last WARNING went out; cache answers since
 
-    def note(self, reason, products):
+    def note(self, products):
         """One cache answer for `products`; `answers` on a WARNING line counts it and those not logged before it."""
         with self._lock:
-            now, count = self._clock(), self._unlogged.get(reason, 0) + 1
-            due = reason not in self._last or now - self._last[reason] >= FALLBACK_LOG_EVERY
-            self._unlogged[reason] = 0 if due else count
+            now, count = self._clock(), self._unlogged + 1
+            due = self._last is None or now - self._last >= FALLBACK_LOG_EVERY
+            self._unlogged = 0 if due else count
             if due:
-                self._last[reason] = now
-        if due:
-            event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(products), reason=reason,
-                  answers=count)
-        else:
-            event(log, "stock.cache_fallback", level=logging.DEBUG, products=",".join(products), reason=reason)
+                self._last = now
+        level, fields = (logging.WARNING, {"answers": count}) if due else (logging.DEBUG, {})
+        event(log, "stock.cache_fallback", level=level, products=",".join(products), reason="budget", **fields)

@@ -13,7 +13,7 @@ from bridge.cws import CwsClient
 from bridge.errors import ContractError
 from bridge.pause import PauseSwitch
 from bridge.products import apply_mapping, load_mapping
-from bridge.refresh import FALLBACK_LOG_EVERY, FallbackLog, StockRefresher
+from bridge.refresh import FALLBACK_LOG_EVERY, BudgetFallbacks, StockRefresher
 from bridge.reservations import Reservations
 from bridge.sync import PassReport
 from conftest import SWITCH
@@ -75,15 +75,14 @@ def test_the_priority_lanes_reads_count_as_reads_of_the_product_alone(shop, sim)
     assert checked_at() == now
 
 
-def test_cache_answers_of_one_reason_are_logged_once_a_minute_with_their_count(caplog):
+def test_cache_answers_of_a_spent_budget_are_logged_once_a_minute_with_their_count(caplog):
     clock = Clock()
-    fallbacks = FallbackLog(clock)
+    fallbacks = BudgetFallbacks(clock)
     with caplog.at_level(logging.DEBUG, logger="bridge.refresh"):
         for number in range(300):
-            fallbacks.note("budget", [f"p{number}"])
+            fallbacks.note([f"p{number}"])
             clock.now += 0.25
-        fallbacks.note("CWS slower than 2.0s", ["p0"])
-    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert [(r.event_fields["reason"], r.event_fields["answers"]) for r in warnings] == [
-        ("budget", 1), ("budget", FALLBACK_LOG_EVERY * 4), ("CWS slower than 2.0s", 1)]
+    warnings = [record.event_fields for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [{"products": "p0", "reason": "budget", "answers": 1},
+                        {"products": "p240", "reason": "budget", "answers": FALLBACK_LOG_EVERY * 4}]
     assert sum(1 for r in caplog.records if r.levelno == logging.DEBUG) == 300 - 2  # each one, at DEBUG
