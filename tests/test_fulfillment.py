@@ -21,24 +21,11 @@ from bridge.products import apply_mapping, load_mapping
 from bridge.refresh import StockRefresher
 from bridge.reservations import Reservations
 from conftest import SECRET_KEY, SKYLINES, SWITCH
+from fakes import FakeClock
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 G2A_ORDER = 80201000000192
 BACKENDS = ("sqlite", "postgresql")  # each test runs on both databases (conftest.py)
-
-
-class Clock:
-    """Monotonic time that moves only when the code under test sleeps."""
-
-    def __init__(self):
-        self.seconds, self.slept = 0.0, []
-
-    def __call__(self):
-        return self.seconds
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-        self.seconds += seconds
 
 
 class Shop:
@@ -48,7 +35,7 @@ class Shop:
         self.sim, self.settings = sim, settings
         self.cws = CwsClient(settings)
         self.reservations = Reservations(settings, StockRefresher(self.cws, 0), PauseSwitch())
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.box = KeyBox(SECRET_KEY)
         self.service = self.fulfilment(**options)
         self.next_g2a_order = G2A_ORDER
@@ -516,12 +503,12 @@ def test_the_grace_is_cws_resend_grace_seconds_and_never_below_the_longest_possi
     assert Fulfilment(slow, shop.cws, shop.box).recovery_grace == 180.0
 
 
-class Ticking(Clock):
+class Ticking(FakeClock):
     """Monotonic time that moves 5 s at every reading."""
 
     def __call__(self):
-        self.seconds += 5
-        return self.seconds
+        self.now += 5
+        return self.now
 
 
 def test_a_purchase_resent_after_a_401_counts_its_grace_from_the_resend(shop, sim):
