@@ -1,8 +1,8 @@
 """Fulfilment in-process against the simulator: claim, purchase, keys, polling, recovery, returns, retry."""
 import base64
+import functools
 import json
 import logging
-import threading
 from datetime import timedelta
 from decimal import Decimal
 
@@ -22,6 +22,7 @@ from bridge.refresh import StockRefresher
 from bridge.reservations import Reservations
 from conftest import SECRET_KEY, SKYLINES, SWITCH
 from fakes import FakeClock
+from concurrently import run_together
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 G2A_ORDER = 80201000000192
@@ -167,11 +168,7 @@ def test_concurrent_orders_for_one_reservation_buy_exactly_once(shop, sim):
             results.append(shop.service.create_order(reservation_id, g2a_order_id, db.utcnow())[0])
         except ContractError as err:
             results.append(err.status)
-    threads = [threading.Thread(target=buyer, args=(n % 2 + 1,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(*(functools.partial(buyer, n % 2 + 1) for n in range(8)))
     assert sorted(results) == [200] + [409] * 7
     assert len(sim.cws.orders) == 1
 
@@ -487,11 +484,7 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     _, body = shop.order()
     sim.cws.delay = 0.3  # both read the claim and search CWS's history before either sends
     grace = shop.service.recovery_grace
-    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(grace + 1),)) for _ in range(2)]
-    for thread in recoverers:
-        thread.start()
-    for thread in recoverers:
-        thread.join()
+    run_together(*(functools.partial(shop.fulfilment().recover, later(grace + 1)) for _ in range(2)))
     assert sim.cws.requests["GET /v3/orders"] == 2 and sim.cws.requests["POST /v3/orders"] == 2  # 503 + one
     assert len(sim.cws.orders) == 1 and state(body["order_id"]) == db.COMPLETED
 
