@@ -6,13 +6,13 @@ from bridge.budget import (BACKOFF_CAP, PERSISTENT, ROLES, SHARED, SPLIT, UNMETE
                            limits)
 from bridge.sharedwindow import SharedWindow
 from bridge.config import Settings
-from test_upstream import Clock
+from fakes import FakeClock
 
 CLASSES = ("cws_token", "cws_list", "cws_product", "cws_other", "g2a")
 
 
 def budget(limit=10, window=60.0, clock=None, alarm=None):
-    clock = clock or Clock()
+    clock = clock or FakeClock(1000.0)
     return Budget("cws_product", limit, window, clock=clock, sleep=clock.sleep, alarm=alarm), clock
 
 
@@ -42,7 +42,7 @@ def test_try_acquire_never_waits():
     spent, clock = budget(limit=2)
     assert spent.try_acquire() and spent.try_acquire()
     assert not spent.try_acquire()
-    assert clock.sleeps == []
+    assert clock.slept == []
 
 
 def test_acquire_gives_up_when_no_slot_frees_up_within_its_timeout():
@@ -106,7 +106,7 @@ def shared_pair(settings, clock):
 
 
 def test_the_worker_and_the_cli_reading_together_never_pass_the_share_of_the_catalogue_limit(database):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     worker, cli = shared_pair(Settings(cws_list_per_10_min=20, upstream_budget_share=0.9), clock)
     sent = []
     for turn in range(60):
@@ -118,13 +118,13 @@ def test_the_worker_and_the_cli_reading_together_never_pass_the_share_of_the_cat
 
 
 def test_the_worker_alone_gets_the_whole_share_of_the_catalogue_limit(database):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     worker, _ = shared_pair(Settings(cws_list_per_10_min=20, upstream_budget_share=0.9), clock)
     assert all(worker.try_acquire() for _ in range(18)) and not worker.try_acquire()
 
 
 def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(database):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     settings = Settings(cws_list_per_10_min=20, upstream_budget_share=0.9)
     before, _ = shared_pair(settings, clock)
     for _ in range(18):
@@ -136,7 +136,7 @@ def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(data
 
 
 def test_a_slot_given_back_frees_the_shared_window_too(database):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     worker, cli = shared_pair(Settings(cws_list_per_10_min=2, upstream_budget_share=1.0), clock)
     assert worker.try_acquire() and cli.try_acquire() and not worker.try_acquire()
     cli.give_back()  # no answer: CWS most likely never counted it
@@ -144,7 +144,7 @@ def test_a_slot_given_back_frees_the_shared_window_too(database):
 
 
 def test_a_shared_window_says_how_long_until_its_oldest_send_leaves(database):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     window = SharedWindow("cws_list", clock)
     assert window.take(2, 60) == 0 and window.take(2, 60) == 0
     clock.now += 15
@@ -228,7 +228,7 @@ def test_429s_are_counted():
 # --- persistent throttle ------------------------------------------------------------------
 
 def test_a_class_throttled_for_minutes_alerts_once_naming_the_class_and_its_budget():
-    clock, raised = Clock(), []
+    clock, raised = FakeClock(1000.0), []
     settings = Settings(cws_list_per_10_min=400, upstream_budget_share=0.9)
     budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep,
                           alarm=lambda name, text: raised.append((name, text)))

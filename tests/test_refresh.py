@@ -17,8 +17,8 @@ from bridge.refresh import FALLBACK_LOG_EVERY, BudgetFallbacks, StockRefresher
 from bridge.reservations import Reservations
 from bridge.sync import PassReport
 from conftest import SWITCH
+from fakes import FakeClock
 from test_faults import SWITCH_CWS
-from test_upstream import Clock
 
 MAX_AGE = 5.0
 
@@ -76,7 +76,7 @@ def test_the_priority_lanes_reads_count_as_reads_of_the_product_alone(shop, sim)
 
 
 def test_cache_answers_of_a_spent_budget_are_logged_once_a_minute_with_their_count(caplog):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     fallbacks = BudgetFallbacks(clock)
     with caplog.at_level(logging.DEBUG, logger="bridge.refresh"):
         for number in range(300):
