@@ -1,7 +1,7 @@
 """Upstream request budgets: a sliding-window limiter per endpoint class, each process holding a fixed slice of
 UPSTREAM_BUDGET_SHARE x the limit, except the catalogue reads, whose window the worker and the CLI share through the
 database; after a 429 a class halves its own pace and wins it back slowly (AIMD), and a class answered 429 for
-minutes raises one alert. Why: docs/decisions.md, "Upstream budgets" and "one list window in the database".
+minutes raises one alert. Why: docs/decisions.md, "Upstream budgets" and "one catalogue window in the database".
 """
 import collections
 import logging

@@ -94,7 +94,7 @@ class CwsProduct(BaseModel):
     listed = BooleanField(default=True)  # False once CWS says it is gone (404 / PRODUCT_HIDDEN)
     fetched_at = UtcDateTimeField(null=True)  # the last CWS answer about it: a sweep page, a batch or a single read
     # The last read of this product alone (the web's freshness check, the priority lane): only these spare a
-    # reservation its own re-read (docs/decisions.md, "Upstream budgets: what a reservation trusts").
+    # reservation its own re-read (docs/decisions.md, "Upstream budgets: one catalogue window ..., what a reservation trusts").
     checked_at = UtcDateTimeField(null=True)
     dirty_since = UtcDateTimeField(null=True, index=True)  # a postback asked for a prompt re-fetch
 

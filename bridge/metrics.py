@@ -3,7 +3,8 @@
 Figures that live in the database are read at scrape time, so they are the same whichever process is asked and
 survive restarts. Each process also keeps its own counters in a CollectorRegistry (label process="web" or
 "worker"); the worker publishes its samples to the setting "metrics.worker" on each heartbeat (every 5 s) and
-the web's /metrics merges them with its own. The web publishes its own to "metrics.web" as often, for `status`. Why this shape: docs/decisions.md, "Observability".
+the web's /metrics merges them with its own. The web publishes its own to "metrics.web" as often, for `status`.
+Why this shape: docs/decisions.md, "Observability".
 """
 import json
 import logging

@@ -18,7 +18,7 @@ from .errors import BudgetSpent
 from .log import event
 
 log = logging.getLogger(__name__)
-FALLBACK_LOG_EVERY = 60.0  # seconds between WARNING lines about cache answers of one reason
+FALLBACK_LOG_EVERY = 60.0  # seconds between WARNING lines about cache answers because the budget was spent
 
 
 class StockRefresher:

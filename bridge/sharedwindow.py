@@ -1,6 +1,6 @@
 """One endpoint class's send times across every process on the database: a sliding window kept in a setting row,
 so processes that draw on the same class (the worker's sweep and the CLI's `sync`) share one limit exactly,
-through crashes and restarts too. Why: docs/decisions.md, "Upstream budgets: one list window in the database".
+through crashes and restarts too. Why: docs/decisions.md, "Upstream budgets: one catalogue window in the database".
 """
 import json
 import time
