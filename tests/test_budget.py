@@ -2,6 +2,7 @@
 Retry-After, and one alert for a persistent throttle."""
 import pytest
 
+from bridge import migrations
 from bridge.budget import (BACKOFF_CAP, PERSISTENT, ROLES, SHARED, SPLIT, UNMETERED, Budget, allot, budgets_for,
                            limits)
 from bridge.sharedwindow import SharedWindow
@@ -9,6 +10,7 @@ from bridge.config import Settings
 from fakes import FakeClock
 
 CLASSES = ("cws_token", "cws_list", "cws_product", "cws_other", "g2a")
+BACKENDS = ("sqlite", "postgresql")  # the tests of the window shared through the database run on both
 
 
 def budget(limit=10, window=60.0, clock=None, alarm=None):
@@ -99,13 +101,21 @@ def test_a_tiny_limit_still_leaves_each_process_with_a_slice_one_request():
 
 # --- the catalogue window the worker and the CLI share through the database -------------------
 
+@pytest.fixture
+def shared_db(database_url):
+    """A migrated database of either backend (conftest.py), for the window shared through it."""
+    database = migrations.open_database(database_url)
+    yield database
+    database.close()
+
+
 def shared_pair(settings, clock):
     """The worker's and the CLI's catalogue budgets, as two processes on one database would hold them."""
     return [budgets_for(settings, role, clock=clock, sleep=clock.sleep, wall=clock)["cws_list"]
             for role in ("worker", "cli")]
 
 
-def test_the_worker_and_the_cli_reading_together_never_pass_the_share_of_the_catalogue_limit(database):
+def test_the_worker_and_the_cli_reading_together_never_pass_the_share_of_the_catalogue_limit(shared_db):
     clock = FakeClock(1000.0)
     worker, cli = shared_pair(Settings(cws_list_per_10_min=20, upstream_budget_share=0.9), clock)
     sent = []
@@ -123,7 +133,7 @@ def test_the_worker_alone_gets_the_whole_share_of_the_catalogue_limit(database):
     assert all(worker.try_acquire() for _ in range(18)) and not worker.try_acquire()
 
 
-def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(database):
+def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(shared_db):
     clock = FakeClock(1000.0)
     settings = Settings(cws_list_per_10_min=20, upstream_budget_share=0.9)
     before, _ = shared_pair(settings, clock)
@@ -135,7 +145,7 @@ def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(data
     assert after.try_acquire()
 
 
-def test_a_slot_given_back_frees_the_shared_window_too(database):
+def test_a_slot_given_back_frees_the_shared_window_too(shared_db):
     clock = FakeClock(1000.0)
     worker, cli = shared_pair(Settings(cws_list_per_10_min=2, upstream_budget_share=1.0), clock)
     assert worker.try_acquire() and cli.try_acquire() and not worker.try_acquire()
