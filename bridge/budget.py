@@ -38,6 +38,10 @@ RECOVERY_PER_WINDOW = 1.0  # pace regained per window without a 429 (+0.1 every 
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 60.0  # hold after 429s in a row without Retry-After: 0.25, 0.5, 1 ... 60 s
 RETRY_AFTER_MAX = 600.0  # a longer (or negative) Retry-After is taken for a server bug and ignored
 PERSISTENT = 300.0  # seconds of 429s on one class before it alerts
+# A slot counts from when it is taken, the upstream's meter from when the request arrives, and that delay varies
+# (thread scheduling, a busy machine): each slot is held this much longer than the window, or at full pace the
+# upstream sees one request more than the cap in its own window (bench/staleness_bench.py: 361 of 360).
+IN_FLIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Budget:
     def __init__(self, name, limit=None, window=60.0, clock=time.monotonic, sleep=time.sleep, alarm=None,
                  label=None, remedy="", shared=None):
         self.name, self.limit, self.window, self._shared = name, limit, window, shared
+        self._held = window + IN_FLIGHT  # how long a slot stays in this process's window
         self._clock, self._sleep, self._alarm = clock, sleep, alarm
         self.label, self._remedy = label or name, remedy
         self._lock = threading.Lock()
@@ -127,8 +132,8 @@ class Budget:
         """0 when the window (this process's, or the one shared through the database) has a slot free, which the
         shared window records at once; else the seconds until one frees up."""
         if self._shared is not None:
-            return self._shared.take(cap, self.window)
-        return 0 if len(self._sent) < cap else self._sent[len(self._sent) - cap] + self.window - now
+            return self._shared.take(cap, self._held)
+        return 0 if len(self._sent) < cap else self._sent[len(self._sent) - cap] + self._held - now
 
     def give_back(self):
         """Return the newest slot: its attempt got no answer at all (refused, dropped, timed out), so the upstream's
@@ -140,7 +145,7 @@ class Budget:
                     self._shared.give_back()
 
     def _prune(self, now):
-        while self._sent and self._sent[0] <= now - self.window:
+        while self._sent and self._sent[0] <= now - self._held:
             self._sent.popleft()
 
     def _pace(self, now):

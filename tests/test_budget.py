@@ -3,8 +3,8 @@ Retry-After, and one alert for a persistent throttle."""
 import pytest
 
 from bridge import migrations
-from bridge.budget import (BACKOFF_CAP, PERSISTENT, ROLES, SHARED, SPLIT, UNMETERED, Budget, allot, budgets_for,
-                           limits)
+from bridge.budget import (BACKOFF_CAP, IN_FLIGHT, PERSISTENT, ROLES, SHARED, SPLIT, UNMETERED, Budget, allot,
+                           budgets_for, limits)
 from bridge.sharedwindow import SharedWindow
 from bridge.config import Settings
 from fakes import FakeClock
@@ -25,9 +25,18 @@ def test_a_budget_lets_its_limit_through_then_waits_for_the_oldest_to_leave_the_
     for _ in range(3):
         assert spent.acquire()
         clock.now += 10
-    assert spent.acquire()  # the first left the window at t=60
-    assert clock.now == 1060.0
+    assert spent.acquire()  # the first left the window at t=60, held IN_FLIGHT longer
+    assert clock.now == 1060.0 + IN_FLIGHT
     assert spent.window_use() == (3, 3)
+
+
+def test_a_slot_is_held_in_flight_seconds_past_the_window_so_a_late_arrival_never_makes_one_too_many():
+    spent, clock = budget(limit=1, window=60)
+    spent.acquire()
+    clock.now += 60
+    assert not spent.try_acquire()  # the upstream may have counted it up to IN_FLIGHT seconds after we sent it
+    clock.now += IN_FLIGHT
+    assert spent.try_acquire()
 
 
 def test_no_window_of_the_budgets_length_ever_holds_more_than_its_limit():
@@ -141,7 +150,7 @@ def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(shar
         before.acquire()
     after, _ = shared_pair(settings, clock)
     assert not after.try_acquire()
-    clock.now += 600
+    clock.now += 600 + IN_FLIGHT
     assert after.try_acquire()
 
 
