@@ -8,7 +8,7 @@ from . import db, pricing
 from .contract import Line, stock_entry
 from .errors import ContractError
 from .log import event
-from .stock import available_stock, known_balance
+from .stock import available_with_balance
 
 log = logging.getLogger(__name__)
 ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
@@ -105,8 +105,8 @@ class Reservations:
         """Inside the write transaction: check every line fits, or raise with what is available."""
         cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
         db.lock_rows(db.CwsProduct, cws_ids)
-        balance = known_balance()
-        available = _payable(available_stock(cws_ids, now), products, balance)
+        available, balance = available_with_balance(cws_ids, now)
+        available = _payable(available, products, balance)
         demand = defaultdict(int)
         for line in lines:
             demand[products[line.product_id].cws_product_id] += line.quantity
