@@ -173,8 +173,8 @@ def goals(mixed, single, locked):
          f"(goal >= 1)", mixed["two webs"]["rate"] >= mixed["one web"]["rate"]
          and mixed["two webs + busy worker"]["rate"] >= mixed["one web + busy worker"]["rate"]),
         (f"/healthcheck {health:.2f}x bare /health (goal >= 0.8)", health >= 0.8),
-        (f"POST /reservation {reserve:.2f}x the bare app's sqlite3 insert, {reserve_peewee:.2f}x its peewee insert "
-         "(goal >= 0.85)", reserve >= 0.85),
+        (f"POST /reservation {reserve_peewee:.2f}x the bare app's peewee insert, the yardstick issue 14 names "
+         f"(goal >= 0.85); {reserve:.2f}x its sqlite3 insert", reserve_peewee >= 0.85),
         (f'"database is locked" {locked}, 5xx or non-2xx on single routes {fives} (goal 0)', not locked and not fives),
     ]
 
