@@ -72,7 +72,8 @@ class Metrics:
         key = (method if method in METHODS else "other", route, status_code)
         children = self._request_children.get(key)
         if children is None:  # labels() takes a lock and checks its arguments: once per series, not per request
-            children = self._request_children[key] = (self.requests.labels(*key), self.request_seconds.labels(*key[:2]))
+            children = (self.requests.labels(*key), self.request_seconds.labels(*key[:2]))
+            self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
 

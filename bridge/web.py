@@ -212,7 +212,8 @@ def create_app(settings, cws=None, metrics=None):
     @app.post("/reservation")
     def create_reservation():
         return reply(*reservation_answer(read_body()))
-    app.fast_routes = {("POST", "/reservation"): lambda body: answered(reservation_answer, body, "POST", "/reservation")}
+    app.fast_routes = {("POST", "/reservation"):
+                       lambda body: answered(reservation_answer, body, "POST", "/reservation")}
 
     @app.put("/reservation/<reservation_id>")
     def renew_reservation(reservation_id):
