@@ -5,7 +5,8 @@ The simulator runs in its own process with the cws.md 5.3 limits (when it can en
 the real web and worker run against it on a throwaway SQLite file. After the first sweep, a random product runs out
 of stock every `--every` seconds (every other one announced by a signed STOCK postback) and another one changes
 price; 0.5 s after each silent stock-out a reservation asks for it. Printed: requests per minute per CWS endpoint
-class against its limit, 429s, stock-out -> G2A (offer inactive or stock 0) p50/p95/max silent and with a postback,
+class against its limit and the most in any window of the limit (what CWS meters, and what the goal checks),
+429s, stock-out -> G2A (offer inactive or stock 0) p50/p95/max silent and with a postback,
 and whether the reservations after a silent stock-out were refused.
 Goals (issue 11): 0 x 429 and every class <= 90 % of its limit; silent p95 <= 60 s at 10k, <= 3 min at 50k;
 postback p95 <= 2 s; every reservation after a silent stock-out refused.
@@ -172,6 +173,7 @@ def measure(args, remote, folder):
         watcher.join()
         run.collect()
         figures.update(minutes=elapsed / 60, rates=rates(before, after, elapsed), throttled=throttled,
+                       peaks=counts["peaks"],
                        latency=run.latency, unresolved=len(run.pending), reservations=run.reservations,
                        last_sweep=last_sweep(folder))
         return figures
@@ -213,13 +215,14 @@ def quantiles(samples):
 def report(args, f):
     lines = [f"== {args.products:,} products, page size {args.page_size}, {f['minutes']:.1f} min measured "
              f"(first sweep took {f['first_sweep_s']:.0f} s) ==",
-             "CWS requests per minute (web + worker) against the limit:"]
+             "CWS requests per minute (web + worker) against the limit, and the most in any window of the limit:"]
     shares = []
     for name, limit, window in CLASSES:
-        per_minute = limit / window
-        share = f["rates"][name] / per_minute
-        shares.append(share)
-        lines.append(f"  {name:<8} {f['rates'][name]:7.1f}/min of {per_minute:5.1f}/min  ({share:.0%})")
+        per_minute, peak = limit / window, f["peaks"].get(name, 0)
+        shares.append(peak / limit)
+        lines.append(f"  {name:<8} {f['rates'][name]:7.1f}/min of {per_minute:5.1f}/min  "
+                     f"({f['rates'][name] / per_minute:.1%}); peak {peak} in {window} min of {limit} "
+                     f"({peak / limit:.0%})")
     lines.append(f"  other    {f['rates']['other']:7.1f}/min (no published limit)")
     throttled = sum(f["throttled"].values())
     lines.append(f"429 answers: {throttled} {f['throttled'] or ''}")
@@ -239,7 +242,7 @@ def goals(args, f, shares, throttled):
     silent_goal = 60 if args.products <= 10_000 else 180
     silent, postback = sorted(f["latency"]["silent"]), sorted(f["latency"]["postback"])
     p95 = lambda xs: xs[max(0, -(-95 * len(xs) // 100) - 1)] if xs else float("inf")  # noqa: E731
-    return [("0 x 429", throttled == 0), (f"every class <= {SHARE:.0%} of its limit", max(shares) <= SHARE),
+    return [("0 x 429", throttled == 0), (f"every class <= {SHARE:.0%} of its limit per window", max(shares) <= SHARE),
             (f"silent stock-out p95 <= {silent_goal} s", p95(silent) <= silent_goal and not f["unresolved"]),
             ("postback stock-out p95 <= 2 s", p95(postback) <= 2.0),
             ("reservations after a silent stock-out refused", all(f["reservations"]))]

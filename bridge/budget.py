@@ -1,6 +1,7 @@
 """Upstream request budgets: a sliding-window limiter per endpoint class, each process holding a fixed slice of
-UPSTREAM_BUDGET_SHARE x the limit; after a 429 a class halves its own pace and wins it back slowly (AIMD), and a
-class answered 429 for minutes raises one alert. Why a fixed split: docs/decisions.md, "Upstream budgets".
+UPSTREAM_BUDGET_SHARE x the limit, except the catalogue reads, whose window the worker and the CLI share through the
+database; after a 429 a class halves its own pace and wins it back slowly (AIMD), and a class answered 429 for
+minutes raises one alert. Why: docs/decisions.md, "Upstream budgets" and "one catalogue window in the database".
 """
 import collections
 import logging
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from . import alerts, db
 from .log import event
+from .sharedwindow import SharedWindow
 
 log = logging.getLogger(__name__)
 
@@ -19,20 +21,27 @@ UNMETERED = "cws_order"  # the purchase and its polling: counted, never held bac
 CWS_OTHER_PER_5_MIN = 300  # history and account reads: CWS publishes no limit; one a second is plenty for us
 # Each process's slice of share x limit. Rows sum to 1, so web + worker + cli never exceed the share together.
 # The web only re-reads single products (the reservation freshness check) and never lists or calls G2A; the
-# CLI keeps a small slice of its own so `sync`, `doctor` and `retry` never eat the daemons' budget.
+# CLI keeps a small slice of its own so `doctor` and `retry` never eat the daemons' budget.
 SPLIT = {
     "cws_token": {"web": 0.4, "worker": 0.4, "cli": 0.2},
-    "cws_list": {"web": 0.0, "worker": 0.9, "cli": 0.1},
     "cws_product": {"web": 0.45, "worker": 0.45, "cli": 0.1},
     "cws_other": {"web": 0.3, "worker": 0.6, "cli": 0.1},
     "g2a": {"web": 0.0, "worker": 0.9, "cli": 0.1},
 }
+# Classes not split but shared: the roles named draw on one window of the whole share, kept in the database
+# (sharedwindow.py). The catalogue reads set how long a sweep takes; only the worker's sweep and `g2a-bridge sync`
+# make them, so whichever reads gets all of the share, and both together never more.
+SHARED = {"cws_list": ("worker", "cli")}
 MIN_PACE = 0.1  # AIMD never slows a class below a tenth of its slice
 DECREASE = 0.5  # pace multiplier after each 429
 RECOVERY_PER_WINDOW = 1.0  # pace regained per window without a 429 (+0.1 every tenth of the window)
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 60.0  # hold after 429s in a row without Retry-After: 0.25, 0.5, 1 ... 60 s
 RETRY_AFTER_MAX = 600.0  # a longer (or negative) Retry-After is taken for a server bug and ignored
 PERSISTENT = 300.0  # seconds of 429s on one class before it alerts
+# A slot counts from when it is taken, the upstream's meter from when the request arrives, and that delay varies
+# (thread scheduling, a busy machine): each slot is held this much longer than the window, or at full pace the
+# upstream sees one request more than the cap in its own window (bench/staleness_bench.py: 361 of 360).
+IN_FLIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,9 @@ class Budget:
     while after a 429. `limit` None counts without ever holding back (the purchase and its polling)."""
 
     def __init__(self, name, limit=None, window=60.0, clock=time.monotonic, sleep=time.sleep, alarm=None,
-                 label=None, remedy=""):
-        self.name, self.limit, self.window = name, limit, window
+                 label=None, remedy="", shared=None):
+        self.name, self.limit, self.window, self._shared = name, limit, window, shared
+        self._held = window + IN_FLIGHT  # how long a slot stays in this process's window
         self._clock, self._sleep, self._alarm = clock, sleep, alarm
         self.label, self._remedy = label or name, remedy
         self._lock = threading.Lock()
@@ -111,12 +121,19 @@ class Budget:
             if self.limit is not None:
                 if now < self._hold_until:
                     return self._hold_until - now
-                cap = self._cap(now)
-                if len(self._sent) >= cap:
-                    return self._sent[len(self._sent) - cap] + self.window - now
+                wait = self._wait(now, self._cap(now))
+                if wait > 0:
+                    return wait
             self._sent.append(now)
             self.requests += 1
             return 0
+
+    def _wait(self, now, cap):
+        """0 when the window (this process's, or the one shared through the database) has a slot free, which the
+        shared window records at once; else the seconds until one frees up."""
+        if self._shared is not None:
+            return self._shared.take(cap, self._held)
+        return 0 if len(self._sent) < cap else self._sent[len(self._sent) - cap] + self._held - now
 
     def give_back(self):
         """Return the newest slot: its attempt got no answer at all (refused, dropped, timed out), so the upstream's
@@ -124,9 +141,11 @@ class Budget:
         with self._lock:
             if self._sent:
                 self._sent.pop()
+                if self._shared is not None:
+                    self._shared.give_back()
 
     def _prune(self, now):
-        while self._sent and self._sent[0] <= now - self.window:
+        while self._sent and self._sent[0] <= now - self._held:
             self._sent.popleft()
 
     def _pace(self, now):
@@ -224,17 +243,28 @@ class Budgets:
         return [name for name, budget in self._budgets.items() if budget.throttling]
 
 
-def budgets_for(settings, role, clock=time.monotonic, sleep=time.sleep, alarm=None):
-    """The budgets of a `role` process ("web", "worker" or "cli"); `alarm(class, text)` defaults to an alert."""
+def budgets_for(settings, role, clock=time.monotonic, sleep=time.sleep, alarm=None, wall=time.time):
+    """The budgets of a `role` process ("web", "worker" or "cli"); `alarm(class, text)` defaults to an alert. The
+    SHARED windows live in the database and run on `wall` (None: kept in this process, for tests without one)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {ROLES}")
     alarm = alarm or raise_throttle_alert
     budgets = {UNMETERED: Budget(UNMETERED, None, clock=clock, sleep=sleep)}
     for name, limit in limits(settings).items():
         combined = settings.upstream_budget_share * limit.per_window
-        budgets[name] = Budget(name, allot(combined, SPLIT[name])[role], limit.window, clock=clock, sleep=sleep,
-                               alarm=alarm, label=limit.label, remedy=_remedy(limit, combined))
+        count, shared = _slice(name, role, combined, wall)
+        budgets[name] = Budget(name, count, limit.window, clock=clock, sleep=sleep, alarm=alarm, label=limit.label,
+                               remedy=_remedy(limit, combined), shared=shared)
     return Budgets(role, budgets)
+
+
+def _slice(name, role, combined, wall):
+    """(requests per window this role may send, the SharedWindow they are counted in or None)."""
+    if name not in SHARED:
+        return allot(combined, SPLIT[name])[role], None
+    if role not in SHARED[name]:
+        return 0, None
+    return max(1, math.floor(combined)), None if wall is None else SharedWindow(name, wall)
 
 
 def _remedy(limit, combined):

@@ -43,7 +43,7 @@ class Catalogue:
         except UpstreamError as err:
             report.cws_error(err, "CWS products")
             return False
-        unlist(wanted - store_answer(infos, wanted, now), now)
+        store_checked(infos, wanted, now)
         return True
 
     # ---- G2A offers ------------------------------------------------------------------------
@@ -139,10 +139,17 @@ def _offers_by_product(offers):
     return found
 
 
-def store_cws_products(infos, wanted, now):
-    """Store CWS's answers about the `wanted` ids (the web's freshness refresh); ids it left out are unlisted."""
+def store_checked(infos, wanted, now):
+    """Store CWS's answers to a read of just the `wanted` ids (the web's freshness check, the priority lane); ids it
+    left out are unlisted. These, unlike sweep pages, set checked_at: what a reservation may trust without a re-read."""
     wanted = {product_id.lower() for product_id in wanted}
     unlist(wanted - store_answer(infos, wanted, now), now)
+    ids = sorted(wanted)
+    for start in range(0, len(ids), CHUNK):
+        with db.write_transaction():
+            db.CwsProduct.update(checked_at=now).where(
+                db.CwsProduct.id.in_(ids[start:start + CHUNK]),
+                db.CwsProduct.checked_at.is_null() | (db.CwsProduct.checked_at < now)).execute()
 
 
 def store_answer(infos, wanted, now):

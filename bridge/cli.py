@@ -15,7 +15,6 @@ from .cws import CwsClient
 from .errors import BridgeError, ConfigError
 from .metrics import Metrics
 from .migrations import open_database
-from .pacing import Pacer
 from .products import MappingWatcher
 from .sync import SyncEngine
 
@@ -47,9 +46,12 @@ def fulfilment_for(settings):
 
 def _cmd_web(args):
     settings = start(args)
-    web.watch_mapping(settings, threading.Event())
+    stop = threading.Event()
+    web.watch_mapping(settings, stop)
     metrics = Metrics("web")
-    web.serve(settings, web.create_app(settings, metrics=metrics), metrics)
+    app = web.create_app(settings, metrics=metrics)
+    web.publish_metrics(metrics, stop)
+    web.serve(settings, app, metrics)
     return 0
 
 
@@ -90,8 +92,9 @@ def _cmd_sync(args):
     settings = start(args)
     MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee).poll()
     clients = worker.upstream_clients(settings, role="cli")
-    # One sweep now, not evenly spaced: the CLI's slice of the list budget still caps it (budget.py).
-    engine = SyncEngine(settings, *clients, pause.PauseSwitch(settings.service_enabled), list_pacer=Pacer(lambda: None))
+    # Paced like the worker's sweep, and counted in the same catalogue window (budget.SHARED): a sync while the
+    # worker sweeps slows both down, never adds to what CWS is asked.
+    engine = SyncEngine(settings, *clients, pause.PauseSwitch(settings.service_enabled))
     report = engine.full_pass(db.utcnow(), dry_run=args.dry_run)
     for change in report.changes:
         print(change)

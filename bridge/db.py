@@ -92,7 +92,10 @@ class CwsProduct(BaseModel):
     cost = MoneyField(null=True)  # unit price for quantity 1, the cost basis of a G2A sale
     prices = JsonField(default=list)  # tiers [{"from": 1, "to": 9, "value": "6.32"}]
     listed = BooleanField(default=True)  # False once CWS says it is gone (404 / PRODUCT_HIDDEN)
-    fetched_at = UtcDateTimeField(null=True)
+    fetched_at = UtcDateTimeField(null=True)  # the last CWS answer about it: a sweep page, a batch or a single read
+    # The last read of this product alone (the web's freshness check, the priority lane): only these spare a
+    # reservation its own re-read (docs/decisions.md, "Upstream budgets: one catalogue window ..., what a reservation trusts").
+    checked_at = UtcDateTimeField(null=True)
     dirty_since = UtcDateTimeField(null=True, index=True)  # a postback asked for a prompt re-fetch
 
 

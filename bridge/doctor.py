@@ -146,7 +146,7 @@ def check_budgets(database_ok):
     if not database_ok:
         return Result("budgets", True, "unknown: the database is unreachable")
     try:
-        figures = status.worker_budgets()
+        figures = status.published_budgets("worker")
     except LOCAL_ERRORS as err:
         return Result("budgets", True, f"unknown: {one_line(err)}")
     return Result("budgets", True, f"worker: {status.budgets_text(figures)}")

@@ -3,7 +3,8 @@
 Figures that live in the database are read at scrape time, so they are the same whichever process is asked and
 survive restarts. Each process also keeps its own counters in a CollectorRegistry (label process="web" or
 "worker"); the worker publishes its samples to the setting "metrics.worker" on each heartbeat (every 5 s) and
-the web's /metrics merges them with its own. Why this shape: docs/decisions.md, "Observability".
+the web's /metrics merges them with its own. The web publishes its own to "metrics.web" as often, for `status`.
+Why this shape: docs/decisions.md, "Observability".
 """
 import json
 import logging
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "g2a_bridge_"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every Prometheus version reads
-SNAPSHOT_KEY = status.WORKER_SNAPSHOT_KEY
 WORKER_SILENT = 60.0  # seconds without a heartbeat after which the worker counts as down
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 KEY_STATES = (keys.PENDING, keys.DELIVERED, keys.RETURNED)
@@ -116,9 +116,11 @@ class Metrics:
         return [_labelled(family, self.process) for family in own]
 
     def publish(self):
-        """Worker: keep this process's samples in the database, for the web's /metrics and /health?deep=1."""
+        """Keep this process's samples in the database: the worker's for the web's /metrics and /health?deep=1,
+        both for `g2a-bridge status`."""
         with db.write_transaction():
-            db.put_setting(SNAPSHOT_KEY, json.dumps([_dump(family) for family in self.families()]))
+            db.put_setting(status.SNAPSHOT_PREFIX + self.process,
+                           json.dumps([_dump(family) for family in self.families()]))
 
     def exposition(self, settings, now):
         """The text of GET /metrics: the database figures, this process's metrics and the worker's last snapshot."""

@@ -45,8 +45,13 @@ def _order_created_at_index(database):
     database.execute_sql('CREATE INDEX IF NOT EXISTS "order_created_at" ON "order" ("created_at")')
 
 
+def _checked_at(database):
+    _add_column(database, models.CwsProduct, "checked_at")
+
+
 # Append only: a shipped step never changes; new columns or tables get a new numbered step.
 STEPS = [(1, "initial tables", _initial),
+         (10, "cws_product.checked_at (reads of one product)", _checked_at),
          (20, "money path: published price, pre-order code ids", _money_path),
          (30, "api_token.scope", _token_scope),
          (50, "index on order.created_at (report)", _order_created_at_index)]

@@ -82,7 +82,7 @@ class Reservations:
             raise ContractError(404, "BR02", f"product {', '.join(unknown)} is not sold here")
         if self.pause.is_paused():
             raise self._short(lines, {}, products, "paused", "the seller has paused sales")
-        if self.refresher.ensure_fresh({p.cws_product_id: p.fetched_at for p in products.values()}, now):
+        if self.refresher.ensure_fresh({p.cws_product_id: p.checked_at for p in products.values()}, now):
             products = _sellable(ids)
         for line in lines:
             self._check_price(line, products[line.product_id])
@@ -149,10 +149,10 @@ class Reservations:
 
 
 MONEY = db.MoneyField()  # its conversions, without building a field per call
-SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at offer_price")
+SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost checked_at offer_price")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
-SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.fetched_at, p.offer_price "
+SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.checked_at, p.offer_price "
                 "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({})")
 INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expires_at, request_id) "
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
@@ -179,7 +179,7 @@ def _sellable(g2a_ids):
     database = db.database.obj
     sql = SELLABLE_SQL.format(", ".join([database.param] * len(g2a_ids)))
     rows = database.execute_sql(sql, list(g2a_ids)).fetchall()
-    money, moment = MONEY.python_value, db.CwsProduct.fetched_at.python_value
+    money, moment = MONEY.python_value, db.CwsProduct.checked_at.python_value
     return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
                                     moment(row[6]), money(row[7])) for row in rows}
 

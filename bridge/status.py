@@ -12,7 +12,8 @@ from . import db, freshness, lease, pause, stuck
 from .products import REFUSED_KEY
 from .stock import BALANCE_KEY
 
-WORKER_SNAPSHOT_KEY = "metrics.worker"  # the worker's metric samples, published on each heartbeat (metrics.py)
+SNAPSHOT_PREFIX = "metrics."  # + "worker" / "web": that process's metric samples, published every 5 s (metrics.py)
+BUDGET_PROCESSES = ("worker", "web")
 BUDGET_SERIES = {"g2a_bridge_upstream_budget_used": "used", "g2a_bridge_upstream_budget_limit": "limit",
                  "g2a_bridge_upstream_throttled_total": "throttled"}
 SYNC_KEY = "sync.last_pass"
@@ -38,7 +39,7 @@ def collect(settings, now):
         "alerts_unsent": db.Alert.select().where(db.Alert.sent_at.is_null()).count(),
         "worker": _worker(now),
         "stuck": stuck.summary(settings, now),
-        "upstream_budgets": worker_budgets(),
+        "upstream_budgets": {process: published_budgets(process) for process in BUDGET_PROCESSES},
     }
     figures["attention"] = attention(figures, settings)
     return figures
@@ -112,15 +113,19 @@ def _worker(now):
 
 def worker_snapshot():
     """The worker's metric families as it last published them, as stored (JSON-able dicts)."""
-    stored = db.get_setting(WORKER_SNAPSHOT_KEY)
+    return snapshot("worker")
+
+
+def snapshot(process):
+    stored = db.get_setting(SNAPSHOT_PREFIX + process)
     return [] if stored is None else json.loads(stored)
 
 
-def worker_budgets():
-    """{class: {"used", "limit", "throttled"}} of the worker's request budgets at its last heartbeat (429s counted
-    since it started); {} before its first."""
+def published_budgets(process):
+    """{class: {"used", "limit", "throttled"}} of the request budgets `process` ("worker" or "web") last published
+    (429s counted since it started); {} before it first did."""
     budgets = {}
-    for family in worker_snapshot():
+    for family in snapshot(process):
         for name, labels, value in family["samples"]:
             if name in BUDGET_SERIES:
                 budgets.setdefault(labels["class"], {"used": 0, "limit": None, "throttled": 0})[
@@ -176,7 +181,8 @@ def render(figures):
         ("alerts", f"{figures['alerts_unsent']} waiting to be sent"),
         ("worker", _worker_text(figures["worker"])),
         ("stuck", _stuck_text(figures["stuck"])),
-        ("budgets", budgets_text(figures["upstream_budgets"])),
+        *((f"{process} budget", budgets_text(figures["upstream_budgets"][process], process))
+          for process in BUDGET_PROCESSES),
     ]
     lines = [f"{label:<14} {value}" for label, value in rows]
     lines += [f"! {line}" for line in figures["attention"]] or ["all good"]
@@ -188,10 +194,10 @@ def _products_text(products, refused):
     return text + ("; products.json refused, see below" if refused is not None else "")
 
 
-def budgets_text(budgets):
-    """One line: each class's requests in its window / the worker's limit, and its 429s."""
+def budgets_text(budgets, process="worker"):
+    """One line: each class's requests in its window / the process's limit, and its 429s."""
     if not budgets:
-        return "unknown (the worker publishes it every 5 s)"
+        return f"unknown (the {process} publishes it every 5 s)"
     return ", ".join(f"{name} {row['used']}/{'-' if row['limit'] is None else row['limit']}"
                      + (f" ({row['throttled']}x429)" if row["throttled"] else "") for name, row in budgets.items())
 

@@ -23,6 +23,7 @@ from .refresh import StockRefresher
 from .reservations import Reservations
 
 log = logging.getLogger(__name__)
+PUBLISH_EVERY = 5.0  # seconds between the web's metric snapshots in the database (the worker's heartbeat pace)
 MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
 TRUSTED_PROXY = "127.0.0.1"  # the local TLS proxy: the only peer whose X-Forwarded-For Waitress believes
 # Route config auth=MONITORING: a contract or a METRICS_CLIENTS pair (Bearer/Basic), or a direct call from this machine.
@@ -328,14 +329,25 @@ def watch_mapping(settings, stop, interval=2.0):
     """Keep products.json applied while the web process runs (the worker may be down)."""
     watcher = MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee)
     watcher.poll()
+    every(interval, watcher.poll, "products.watch", stop)
 
+
+def publish_metrics(metrics, stop, interval=PUBLISH_EVERY):
+    """Keep this process's metric samples in the database, as the worker's heartbeat does, so `g2a-bridge status`
+    shows the web's request budgets beside the worker's."""
+    every(interval, metrics.publish, "metrics.publish", stop)
+
+
+def every(interval, work, name, stop):
+    """Run `work()` every `interval` seconds on a daemon thread until `stop` is set; a failure is logged, the loop
+    goes on (a bad moment on disk or in the database must not end it)."""
     def loop():
         while not stop.wait(interval):
             try:
-                watcher.poll()
-            except Exception:  # a bad moment on disk or in the DB must not end the watcher
-                log.exception("products.watch_failed")
-    threading.Thread(target=loop, name="products-watch", daemon=True).start()
+                work()
+            except Exception:
+                log.exception(f"{name}_failed")
+    threading.Thread(target=loop, name=name, daemon=True).start()
 
 
 def serve(settings, app, metrics=None):

@@ -2,11 +2,15 @@
 Retry-After, and one alert for a persistent throttle."""
 import pytest
 
-from bridge.budget import (BACKOFF_CAP, PERSISTENT, ROLES, SPLIT, UNMETERED, Budget, allot, budgets_for, limits)
+from bridge import migrations
+from bridge.budget import (BACKOFF_CAP, IN_FLIGHT, PERSISTENT, ROLES, SHARED, SPLIT, UNMETERED, Budget, allot,
+                           budgets_for, limits)
+from bridge.sharedwindow import SharedWindow
 from bridge.config import Settings
 from fakes import FakeClock
 
 CLASSES = ("cws_token", "cws_list", "cws_product", "cws_other", "g2a")
+BACKENDS = ("sqlite", "postgresql")  # the tests of the window shared through the database run on both
 
 
 def budget(limit=10, window=60.0, clock=None, alarm=None):
@@ -21,9 +25,18 @@ def test_a_budget_lets_its_limit_through_then_waits_for_the_oldest_to_leave_the_
     for _ in range(3):
         assert spent.acquire()
         clock.now += 10
-    assert spent.acquire()  # the first left the window at t=60
-    assert clock.now == 1060.0
+    assert spent.acquire()  # the first left the window at t=60, held IN_FLIGHT longer
+    assert clock.now == 1060.0 + IN_FLIGHT
     assert spent.window_use() == (3, 3)
+
+
+def test_a_slot_is_held_in_flight_seconds_past_the_window_so_a_late_arrival_never_makes_one_too_many():
+    spent, clock = budget(limit=1, window=60)
+    spent.acquire()
+    clock.now += 60
+    assert not spent.try_acquire()  # the upstream may have counted it up to IN_FLIGHT seconds after we sent it
+    clock.now += IN_FLIGHT
+    assert spent.try_acquire()
 
 
 def test_no_window_of_the_budgets_length_ever_holds_more_than_its_limit():
@@ -70,13 +83,16 @@ def test_web_worker_and_cli_together_never_exceed_the_share_of_any_limit(share, 
                         cws_product_per_5_min=round(600 * scale), cws_token_per_5_min=round(50 * scale),
                         g2a_requests_per_minute=round(600 * scale))
     for name, limit in limits(settings).items():
+        if name in SHARED:  # one window in the database for the roles that use the class (tested below)
+            assert all(budgets_for(settings, role)[name].limit <= share * limit.per_window for role in ROLES)
+            continue
         combined = sum(budgets_for(settings, role)[name].limit for role in ROLES)
         assert combined <= share * limit.per_window, name
 
 
 def test_the_default_split_follows_what_each_process_calls():
     web, worker, cli = (budgets_for(Settings(), role) for role in ROLES)
-    assert (web["cws_list"].limit, worker["cws_list"].limit, cli["cws_list"].limit) == (0, 324, 36)
+    assert (web["cws_list"].limit, worker["cws_list"].limit, cli["cws_list"].limit) == (0, 360, 360)  # shared
     assert (web["cws_product"].limit, worker["cws_product"].limit, cli["cws_product"].limit) == (243, 243, 54)
     assert (web["g2a"].limit, worker["g2a"].limit) == (0, 486)
     assert (web["cws_token"].limit, worker["cws_token"].limit, cli["cws_token"].limit) == (18, 18, 9)
@@ -84,12 +100,74 @@ def test_the_default_split_follows_what_each_process_calls():
 
 def test_every_split_row_sums_to_one():
     assert all(abs(sum(row.values()) - 1) < 1e-9 and set(row) == set(ROLES) for row in SPLIT.values())
-    assert set(SPLIT) == set(CLASSES)
+    assert set(SPLIT) | set(SHARED) == set(CLASSES) and not set(SPLIT) & set(SHARED)
 
 
 def test_a_tiny_limit_still_leaves_each_process_with_a_slice_one_request():
     assert allot(2.7, {"web": 0.4, "worker": 0.4, "cli": 0.2}) == {"web": 1, "worker": 1, "cli": 1}
     assert allot(45, {"web": 0.0, "worker": 0.9, "cli": 0.1}) == {"web": 0, "worker": 41, "cli": 4}
+
+
+# --- the catalogue window the worker and the CLI share through the database -------------------
+
+@pytest.fixture
+def shared_db(database_url):
+    """A migrated database of either backend (conftest.py), for the window shared through it."""
+    database = migrations.open_database(database_url)
+    yield database
+    database.close()
+
+
+def shared_pair(settings, clock):
+    """The worker's and the CLI's catalogue budgets, as two processes on one database would hold them."""
+    return [budgets_for(settings, role, clock=clock, sleep=clock.sleep, wall=clock)["cws_list"]
+            for role in ("worker", "cli")]
+
+
+def test_the_worker_and_the_cli_reading_together_never_pass_the_share_of_the_catalogue_limit(shared_db):
+    clock = FakeClock(1000.0)
+    worker, cli = shared_pair(Settings(cws_list_per_10_min=20, upstream_budget_share=0.9), clock)
+    sent = []
+    for turn in range(60):
+        (worker if turn % 3 else cli).acquire()
+        sent.append(clock.now)
+        clock.now += 1
+    assert max(sum(1 for t in sent if start <= t < start + 600) for start in sent) == 18
+    assert worker.window_use()[0] and cli.window_use()[0]  # both got slots
+
+
+def test_the_worker_alone_gets_the_whole_share_of_the_catalogue_limit(database):
+    clock = FakeClock(1000.0)
+    worker, _ = shared_pair(Settings(cws_list_per_10_min=20, upstream_budget_share=0.9), clock)
+    assert all(worker.try_acquire() for _ in range(18)) and not worker.try_acquire()
+
+
+def test_a_restarted_worker_finds_the_catalogue_window_its_predecessor_left(shared_db):
+    clock = FakeClock(1000.0)
+    settings = Settings(cws_list_per_10_min=20, upstream_budget_share=0.9)
+    before, _ = shared_pair(settings, clock)
+    for _ in range(18):
+        before.acquire()
+    after, _ = shared_pair(settings, clock)
+    assert not after.try_acquire()
+    clock.now += 600 + IN_FLIGHT
+    assert after.try_acquire()
+
+
+def test_a_slot_given_back_frees_the_shared_window_too(shared_db):
+    clock = FakeClock(1000.0)
+    worker, cli = shared_pair(Settings(cws_list_per_10_min=2, upstream_budget_share=1.0), clock)
+    assert worker.try_acquire() and cli.try_acquire() and not worker.try_acquire()
+    cli.give_back()  # no answer: CWS most likely never counted it
+    assert worker.try_acquire() and not cli.try_acquire()
+
+
+def test_a_shared_window_says_how_long_until_its_oldest_send_leaves(database):
+    clock = FakeClock(1000.0)
+    window = SharedWindow("cws_list", clock)
+    assert window.take(2, 60) == 0 and window.take(2, 60) == 0
+    clock.now += 15
+    assert window.take(2, 60) == 45.0
 
 
 def test_an_unknown_role_is_refused():

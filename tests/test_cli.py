@@ -159,7 +159,7 @@ def test_status_is_one_screen_and_exits_0_when_all_is_well(bridge_env, running):
     result = run_cli(bridge_env, "status")
     labels = [line.split("  ")[0] for line in result.stdout.splitlines()]
     assert labels == ["selling", "products", "offers", "orders", "last sync", "CWS state", "sweep", "CWS balance",
-                      "notifications", "alerts", "worker", "stuck", "budgets", "all good"]
+                      "notifications", "alerts", "worker", "stuck", "worker budget", "web budget", "all good"]
     assert "2 in sync, 0 pending, 0 failed" in result.stdout
     assert "1000" in result.stdout
 
@@ -176,9 +176,12 @@ def test_status_json_has_every_figure(bridge_env, running):
     assert figures["cws_state"]["mapped"] == 2 and figures["cws_state"]["oldest_seconds"] < 30
     assert figures["sweep"]["mapped"] == 2 and figures["sweep"]["last_duration_seconds"] is not None
     assert figures["attention"] == []
-    assert figures["upstream_budgets"]["cws_list"]["limit"] == 324
-    wait_for(lambda: json.loads(run_cli(bridge_env, "status", "--json").stdout)["upstream_budgets"]["cws_list"]["used"],
+    assert figures["upstream_budgets"]["worker"]["cws_list"]["limit"] == 360
+    budgets = lambda: json.loads(run_cli(bridge_env, "status", "--json").stdout)["upstream_budgets"]  # noqa: E731
+    wait_for(lambda: budgets()["worker"]["cws_list"]["used"],
              what="the worker's catalogue reads in its published budget figures")
+    wait_for(lambda: budgets()["web"].get("cws_product", {}).get("limit") == 243,
+             what="the web's budget figures, published every 5 s")
 
 
 def test_status_exits_1_and_says_so_when_the_worker_is_not_running(bridge_env, web):
@@ -383,17 +386,30 @@ def test_status_reports_a_refused_products_json_until_a_good_one_is_loaded(datab
     assert figures["products_refused"] is None and figures["attention"] == []
 
 
-def test_status_shows_the_workers_budget_use_and_429s_per_class(database):
-    metrics = Metrics("worker")
-    budgets = budgets_for(Settings(), "worker", alarm=lambda *args: None)
+def published(process, spend):
+    """Metrics of a `process` whose budgets spent `spend` ({class: requests}) and got one 429 each, published."""
+    metrics = Metrics(process)
+    budgets = budgets_for(Settings(), process, alarm=lambda *args: None)
     metrics.watch_budgets(budgets)
-    budgets["cws_list"].acquire()
-    budgets["cws_list"].throttled(retry_after=0)
+    for name, count in spend.items():
+        for _ in range(count):
+            budgets[name].acquire()
+        budgets[name].throttled(retry_after=0)
     metrics.publish()
+
+
+def test_status_shows_the_budget_use_and_429s_per_class_of_the_worker_and_of_the_web(database):
+    published("worker", {"cws_list": 1})
+    published("web", {"cws_product": 2})
     figures = status.collect(Settings(), db.utcnow())
-    assert figures["upstream_budgets"]["cws_list"] == {"used": 1, "limit": 324, "throttled": 1}
-    assert figures["upstream_budgets"]["cws_order"] == {"used": 0, "limit": None, "throttled": 0}
-    assert "cws_list 1/324 (1x429)" in status.render(figures)
+    worker, web = figures["upstream_budgets"]["worker"], figures["upstream_budgets"]["web"]
+    assert worker["cws_list"] == {"used": 1, "limit": 360, "throttled": 1}
+    assert worker["cws_order"] == {"used": 0, "limit": None, "throttled": 0}
+    assert web["cws_product"] == {"used": 2, "limit": 243, "throttled": 1}
+    assert web["cws_list"] == {"used": 0, "limit": 0, "throttled": 0}
+    screen = status.render(figures)
+    assert "worker budget  cws_order 0/-, cws_token 0/18, cws_list 1/360 (1x429)," in screen
+    assert "web budget     cws_order 0/-, cws_token 0/18, cws_list 0/0, cws_product 2/243 (1x429)," in screen
     assert figures["attention"] == ["worker is not running: systemctl start g2a-bridge-worker (or g2a-bridge worker)"]
 
 
@@ -444,4 +460,4 @@ def test_doctor_shows_the_workers_budget_use(database):
     metrics = Metrics("worker")
     metrics.watch_budgets(budgets_for(Settings(), "worker"))
     metrics.publish()
-    assert "cws_list 0/324" in doctor.check_budgets(True).line()
+    assert "cws_list 0/360" in doctor.check_budgets(True).line()

@@ -25,7 +25,7 @@ import requests
 from peewee import fn
 
 from bridge import db, migrations
-from bridge.catalogue import store_cws_products
+from bridge.catalogue import store_checked
 from bridge.contract import Line
 from bridge.crypto import KeyBox
 from bridge.cws import CwsClient
@@ -290,12 +290,12 @@ def shop(settings, sim):
 def test_a_stock_fetch_that_began_before_a_purchase_and_lands_after_it_cannot_undo_it(shop, sim):
     cws, reservations, fulfilment = shop
     sim.cws.set_quantity(SKYLINES_CWS, 3)
-    store_cws_products([cws.product(SKYLINES_CWS)], [SKYLINES_CWS], db.utcnow())
+    store_checked([cws.product(SKYLINES_CWS)], [SKYLINES_CWS], db.utcnow())
     fetch_began = db.utcnow()
     before = cws.product(SKYLINES_CWS)  # a refresh (web) or a sync page (worker) reads CWS: 3 keys...
     reservation = reservations.reserve([Line(SKYLINES, 1)], db.utcnow())["reservation_id"]
     assert fulfilment.create_order(reservation, 80201000000192, db.utcnow())[0] == 200  # ...one is bought...
-    store_cws_products([before], [SKYLINES_CWS], fetch_began)  # ...and the read is stored after the purchase
+    store_checked([before], [SKYLINES_CWS], fetch_began)  # ...and the read is stored after the purchase
     assert sim.cws.stock_entry(SKYLINES_CWS)["quantity"] == 2
     with pytest.raises(ContractError) as refused:  # promising 3 would sell a key CWS no longer has
         reservations.reserve([Line(SKYLINES, 3)], db.utcnow())

@@ -345,7 +345,7 @@ def metered(requests_mock):
     """A CWS client spending the worker's budgets, on a fake clock."""
     clock = FakeClock(1000.0)
     requests_mock.post(BASE + "/oauth/token", json={"access_token": "tok", "expires_in": 1158})
-    budgets = budgets_for(SETTINGS, "worker", clock=clock, sleep=clock.sleep, alarm=lambda *args: None)
+    budgets = budgets_for(SETTINGS, "worker", clock=clock, sleep=clock.sleep, alarm=lambda *args: None, wall=None)
     return CwsClient(SETTINGS, budgets=budgets, sleep=clock.sleep, clock=clock), budgets, clock
 
 

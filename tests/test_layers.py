@@ -9,7 +9,7 @@ BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
     0: {"errors", "log", "config", "db", "writelock", "migrations"},
     1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
-        "stock", "pacing"},
+        "stock", "pacing", "sharedwindow"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report", "stuck", "balance"},
     3: {"web", "access", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},

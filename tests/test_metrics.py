@@ -144,7 +144,7 @@ def test_budget_use_and_429s_per_endpoint_class_are_shown_for_each_process(shop,
     samples = scrape(shop.g2a)
     worker, web = {"process": "worker"}, {"process": "web"}
     assert value(samples, "g2a_bridge_upstream_budget_used", **worker, **{"class": "cws_list"}) >= 2
-    assert value(samples, "g2a_bridge_upstream_budget_limit", **worker, **{"class": "cws_list"}) == 324
+    assert value(samples, "g2a_bridge_upstream_budget_limit", **worker, **{"class": "cws_list"}) == 360
     assert value(samples, "g2a_bridge_upstream_budget_limit", **web, **{"class": "cws_product"}) == 243
     assert value(samples, "g2a_bridge_upstream_budget_limit", **web, **{"class": "cws_list"}) == 0
     assert value(samples, "g2a_bridge_upstream_budget_used", **worker, **{"class": "g2a"}) >= 1

@@ -576,6 +576,7 @@ def test_the_window_slides(sim):
     now[0] += 4.5  # the first left the window
     assert get(session, f"/v3/products/{SWITCH}").status_code == 200
     assert get(session, f"/v3/products/{SWITCH}").status_code == 429
+    assert sim.cws.limits.counts()["peaks"] == {"product": 2}  # the most let through in any 10 s
 
 
 def test_the_default_limits_are_those_of_section_5_3_and_retry_after_can_be_left_out(sim):

@@ -6,7 +6,7 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from bridge.config import CWS_HOSTS, G2A_HOSTS
-from bridge.budget import Budget, Budgets
+from bridge.budget import IN_FLIGHT, Budget, Budgets
 from bridge.errors import BudgetSpent, ConfigError, OutcomeUnknown, UpstreamError
 from bridge.upstream import BACKOFF_CAP, TokenCache, Upstream, error_details, fetch_client_token
 from fakes import FakeClock
@@ -382,7 +382,7 @@ def test_each_attempt_spends_the_budget_of_the_class_named_by_the_call_retries_i
     upstream.request("GET", "/v3/items", budget="cws_list")
     assert clock.slept == []
     upstream.request("GET", "/v3/items", budget="cws_list")
-    assert clock.slept == [60.0]
+    assert clock.slept == [60.0 + IN_FLIGHT]
     assert budgets["cws_list"].requests == 3
 
 

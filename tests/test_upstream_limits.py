@@ -1,5 +1,6 @@
 """Upstream limits end to end: web and worker against a CWS that enforces cws.md §5.3 (scaled down), the web's
 freshness check inside its budget, and a CWS answering 429 for a while (nothing lost, one alert when it lasts)."""
+import subprocess
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from bridge.sync import SyncEngine
 from bridge.worker import checked
 from conftest import SWITCH
 from polling import wait_for
+from test_cli import run_cli
 from test_faults import IN_SYNC, SWITCH_CWS, events, inventory_size, offers, offers_become
 from fakes import FakeClock
 
@@ -74,6 +76,26 @@ def test_web_and_worker_together_stay_within_the_share_of_every_limit_and_get_no
     assert counts["requests"]["token"] <= SHARE["token"]
 
 
+def test_a_cli_sync_while_the_worker_runs_takes_what_the_worker_left_of_the_catalogue_window_and_never_more(
+        start_bridge, bridge_env, sim):
+    share = {"CWS_LIST_REQUESTS_PER_10_MIN": "10"}  # 9 catalogue reads per 10 min for web, worker and CLI together
+    sim.cws.limits.enforce({"list": (10, 600.0)})
+    start_bridge("worker", SYNC_INTERVAL_SECONDS="1", **share)
+    offers_become(sim, IN_SYNC)
+    wait_for(lambda: sim.cws.limits.counts()["requests"].get("list", 0) >= BURST, what="the worker's first sweeps")
+    synced = 0
+    while synced < 10:
+        try:
+            result = run_cli({**bridge_env, **share}, "sync", timeout=10)
+        except subprocess.TimeoutExpired:  # the shared window is full: this sync waits for a slot
+            break
+        assert result.returncode == 0, result.stderr
+        synced += 1
+    counts = sim.cws.limits.counts()
+    assert counts["throttled"] == {} and counts["requests"]["list"] == 9
+    assert synced >= 2  # more than a fixed CLI slice (1 of 9) would have allowed
+
+
 def test_a_catalogue_answered_429_for_a_while_is_not_a_sync_failure_and_sync_catches_up(start_bridge, sim):
     worker = start_bridge("worker", SYNC_INTERVAL_SECONDS="1", CWS_RETRY_MAX="0")
     offers_become(sim, IN_SYNC)
@@ -92,7 +114,7 @@ def engine(settings, sim):
     database = migrations.open_database(settings.database_url)
     apply_mapping(load_mapping(settings.products_file, settings.default_fixed_profit, settings.default_fee))
     clock = FakeClock(1000.0)
-    budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep)
+    budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep, wall=clock)
     cws = CwsClient(settings, budgets=budgets, sleep=clock.sleep)
     g2a = G2aClient(settings, budgets=budgets, job_poll_interval=0.01)
     sync = SyncEngine(settings, cws, g2a, PauseSwitch())

@@ -1,5 +1,6 @@
 """Rate limits for a fake API: sliding windows per rate class (429 beyond them), a timed throttle per class, and
-request and 429 counts per class for tests and benches. Off until limits are set."""
+request and 429 counts per class (and the most let through in any window) for tests and benches. Off until limits
+are set."""
 import collections
 import threading
 from time import monotonic
@@ -17,6 +18,7 @@ class RateLimits:
         self._throttled_until = {}  # class -> clock time until which every request of it is refused
         self._accepted = collections.defaultdict(collections.deque)  # class -> times of the requests let through
         self.requests, self.refused = collections.Counter(), collections.Counter()
+        self.peaks = collections.Counter()  # class -> most requests let through in any window of its limit
 
     def enforce(self, limits=None, retry_after=True):
         """Refuse requests beyond `limits` (None: the defaults; {}: none) in any sliding window."""
@@ -30,9 +32,10 @@ class RateLimits:
             self._throttled_until[rate_class] = self.clock() + seconds
 
     def counts(self):
-        """Requests and 429s per class since the start, and the limits in force."""
+        """Requests and 429s per class since the start, the most let through in any window (enforced classes), and
+        the limits in force."""
         with self._lock:
-            return {"requests": dict(self.requests), "throttled": dict(self.refused),
+            return {"requests": dict(self.requests), "throttled": dict(self.refused), "peaks": dict(self.peaks),
                     "limits": {name: list(limit) for name, limit in self.limits.items()},
                     "retry_after": self.retry_after}
 
@@ -58,6 +61,7 @@ class RateLimits:
         if len(accepted) >= limit:
             return accepted[0] + window - now
         accepted.append(now)
+        self.peaks[rate_class] = max(self.peaks[rate_class], len(accepted))
         return 0
 
     def control(self, body):
