@@ -151,6 +151,19 @@ def access_token(base):
     return answer.json()["access_token"]
 
 
+def usage(pid):
+    """(CPU seconds, voluntary, involuntary context switches) of process `pid` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = [0, 0]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                switches[name.startswith("non")] += int(value)
+    return cpu, switches[0], switches[1]
+
+
 def stop(procs, timeout=15):
     """SIGTERM every process of {name: Popen} at once, then wait; {name: (exit code or "killed after N s",
     seconds from the signal to the exit)}."""

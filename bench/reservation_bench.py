@@ -1,11 +1,17 @@
-"""Reservation throughput and p99 at 16 connections, with cached stock, beside a bare Bottle+Waitress+SQLite app.
+"""Reservation throughput and p99 with cached stock, beside a bare Bottle+Waitress+SQLite app, at one or more
+connection counts; with the server process's CPU and context switches per request (from /proc), which show
+whether a gap is per-request work (there at 1 connection) or appears only under concurrency.
 
-Usage: .venv/bin/python bench/reservation_bench.py [--seconds 10] [--connections 16]
+Usage: .venv/bin/python bench/reservation_bench.py [--seconds 10] [--connections 16] [--products 1]
+                                                   [--insert sqlite3|peewee]
+`--connections 1,4,16` runs each count in turn (same processes); `--products 50` spreads the reservations over
+50 products (the stock sum each one reads grows with every reservation held of its product).
 Uses wrk (Debian package `wrk`) when present; otherwise a Python keep-alive client (slower, same for both).
 """
 import argparse
 import json
 import tempfile
+import uuid
 from pathlib import Path
 
 import requests
@@ -14,48 +20,74 @@ import harness
 import load
 from harness import Simulator
 
-CWS_ID, G2A_ID = "466c805b-ead1-4851-bc4f-9eda242550ad", 10000068865001
-BODY = json.dumps([{"product_id": G2A_ID, "quantity": 1}])
+FIRST_G2A_ID = 10000068865001
 
 
-def start_bridge(sim, folder, port):
-    (folder / "products.json").write_text(json.dumps([{"cws_product_id": CWS_ID, "g2a_product_id": G2A_ID}]))
+def start_bridge(sim, folder, port, bodies):
     proc = harness.start("web", harness.bridge_env(sim, folder, port, STOCK_MAX_AGE_SECONDS=3600), folder)
     base = f"http://127.0.0.1:{port}"
     harness.wait_ready(base, proc)
     headers = {"Authorization": f"Bearer {harness.access_token(base)}", "Content-Type": "application/json"}
-    warm = requests.post(f"{base}/reservation", data=BODY, headers=headers)
-    assert warm.status_code == 200, warm.text
+    for body in bodies:  # every product's CWS state read once: the runs find it cached
+        warm = requests.post(f"{base}/reservation", data=body, headers=headers)
+        assert warm.status_code == 200, warm.text
     return proc, headers
 
 
-def start_bare(folder, port):
-    return harness.start_bare(port, folder / "bare.db"), {"Content-Type": "application/json"}
+def start_bare(folder, port, insert):
+    return harness.start_bare(port, folder / "bare.db", insert), {"Content-Type": "application/json"}
+
+
+def products(sim, folder, count):
+    """`count` mapped products with plenty of CWS stock; a one-line reservation body for each."""
+    ids = {FIRST_G2A_ID + n: str(uuid.uuid4()) for n in range(count)}
+    for cws_id in ids.values():
+        sim.cws.add_product(cws_id, 10**9, [(1, None, "5.30")], name="bench")
+    (folder / "products.json").write_text(json.dumps([{"cws_product_id": cws, "g2a_product_id": g2a}
+                                                      for g2a, cws in ids.items()]))
+    return [json.dumps([{"product_id": g2a_id, "quantity": 1}]) for g2a_id in ids]
+
+
+def measured(proc, port, headers, bodies, args, connections, folder):
+    """(req/s, p99 ms, non-2xx, CPU µs, voluntary and involuntary context switches per request of `proc`)."""
+    before = harness.usage(proc.pid)
+    rate, p99, errors = load.hammer(port, "POST", "/reservation", headers, bodies, args.seconds, connections, folder)
+    after = harness.usage(proc.pid)
+    done = max(1.0, rate * args.seconds)
+    cpu, voluntary, involuntary = ((later - earlier) / done for later, earlier in zip(after, before))
+    return rate, p99, errors, cpu * 1e6, voluntary, involuntary
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", default="16", help="one count, or several: 1,4,16")
+    parser.add_argument("--products", type=int, default=1)
+    parser.add_argument("--insert", choices=("sqlite3", "peewee"), default="sqlite3", help="the bare app's insert")
     args = parser.parse_args()
+    counts = [int(count) for count in args.connections.split(",")]
     with tempfile.TemporaryDirectory() as tmp, Simulator() as sim:
         folder = Path(tmp)
-        sim.cws.add_product(CWS_ID, 10**9, [(1, None, "5.30")], name="bench")
+        (folder / "empty.env").write_text("")
+        bodies = products(sim, folder, args.products)
         results = {}
-        for name, starter in (("bridge POST /reservation", lambda p: start_bridge(sim, folder, p)),
-                              ("bare bottle+waitress+1 insert", lambda p: start_bare(folder, p))):
+        for name, starter in (("bridge POST /reservation", lambda p: start_bridge(sim, folder, p, bodies)),
+                              (f"bare app, 1 {args.insert} insert", lambda p: start_bare(folder, p, args.insert))):
             port = harness.free_port()
             proc, headers = starter(port)
-            try:
-                results[name] = load.hammer(port, "POST", "/reservation", headers, BODY, args.seconds,
-                                            args.connections, folder)
+            try:  # every Waitress thread opens its database connection before anything is measured
+                load.hammer(port, "POST", "/reservation", headers, bodies, 1, max(counts), folder)
+                for count in counts:
+                    results[name, count] = measured(proc, port, headers, bodies, args, count, folder)
             finally:
                 harness.stop({name: proc})
-    print(f"load: {load.tool()}, {args.connections} connections, {args.seconds}s each, cached stock")
-    for name, (rate, p99, errors) in results.items():
-        print(f"{name:32} {rate:8.0f} req/s   p99 {p99:7.1f} ms   non-2xx {errors}")
-    bridge, bare = (results[name][0] for name in results)
-    print(f"bridge / bare = {bridge / bare:.0%}  (goal >= 60%)")
+    print(f"load: {load.tool()}, {args.seconds}s each, cached stock, {args.products} product(s)")
+    for (name, count), (rate, p99, errors, cpu, voluntary, involuntary) in results.items():
+        print(f"{name:30} {count:3} conn {rate:7.0f} req/s  p99 {p99:7.1f} ms  non-2xx {errors}  CPU {cpu:4.0f} µs/req"
+              f"  switches/req {voluntary:5.1f} voluntary {involuntary:4.1f} involuntary")
+    for count in counts:
+        bridge, bare = (value[0] for (name, at), value in results.items() if at == count)
+        print(f"{count:3} connections: bridge / bare = {bridge / bare:.0%}")
 
 
 if __name__ == "__main__":
