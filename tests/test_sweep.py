@@ -14,6 +14,7 @@ from bridge.lane import InFlight, hot_products, near_a_bound
 from bridge.postbacks import handle
 from bridge.pacing import Allowance, Pacer
 from bridge.sweep import LISTING_KEY, PROGRESS_KEY, reading_plan
+from conftest import sqlite_steps
 from test_sync import world  # noqa: F401  (the simulator world of the sync tests, a fixture)
 
 IN_SYNC = ("6.48", 10, True)  # the offer of a CWS product at 5.00 with 10 keys
@@ -249,21 +250,6 @@ def history(product, count, start, when):
                           for n, rid in enumerate(ids)]).execute()
     db.OrderItem.insert_many([{"id": f"i{rid}", "order": f"o{rid}", "position": 0, "g2a_product_id": g2a_id,
                                "cws_product_id": cws_id} for rid in ids]).execute()
-
-
-def sqlite_steps(call):
-    """SQLite virtual-machine steps (in thousands) `call()` costs on this thread's connection."""
-    steps = [0]
-
-    def count():
-        steps[0] += 1
-    connection = db.database.obj.connection()
-    connection.set_progress_handler(count, 1000)
-    try:
-        call()
-    finally:
-        connection.set_progress_handler(None, 1000)
-    return steps[0]
 
 
 def test_finding_hot_products_reads_the_last_ten_minutes_not_the_whole_history(world):
