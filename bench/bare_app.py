@@ -44,7 +44,8 @@ def peewee_insert(path):
     return lambda *row: Hold.insert(id=row[0], product=row[1], quantity=row[2]).execute()
 
 
-def main(port, path, how="sqlite3"):
+def make_app(path, how="sqlite3"):
+    """The bare Bottle app, its insert made `how`."""
     insert = {"sqlite3": sqlite3_insert, "peewee": peewee_insert}[how](path)
     app = bottle.Bottle()
 
@@ -59,8 +60,11 @@ def main(port, path, how="sqlite3"):
     @app.get("/health")
     def health():
         return "OK"
+    return app
 
-    waitress.serve(app, host="127.0.0.1", port=port, threads=8, _quiet=True)
+
+def main(port, path, how="sqlite3"):
+    waitress.serve(make_app(path, how), host="127.0.0.1", port=port, threads=8, _quiet=True)
 
 
 if __name__ == "__main__":

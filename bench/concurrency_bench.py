@@ -32,6 +32,7 @@ import harness
 from bridge import db
 
 FIRST_G2A_ID = 10000070000000
+UNMETERED = 10**6  # requests per window: a CWS budget that never holds a call back
 
 
 def seed(sim, spec):
@@ -82,8 +83,11 @@ def quantity(sim, cws_id):
 def environment(sim, folder, port, args):
     # writes per pass = requests per minute x interval / 60 / 3 (sync.writes_per_pass)
     per_minute = args.writes_per_pass * 3 * 60 // args.sync_interval
+    # The simulator enforces no CWS limits here, and the load measured is the database's: the CWS budgets
+    # (budget.py) are lifted, or a 10,000-product sweep paced at the default list budget would take minutes.
     return harness.bridge_env(sim, folder, port, LOG_LEVEL="INFO", SYNC_INTERVAL_SECONDS=args.sync_interval,
-                              G2A_REQUESTS_PER_MINUTE=per_minute)
+                              G2A_REQUESTS_PER_MINUTE=per_minute, CWS_LIST_REQUESTS_PER_10_MIN=UNMETERED,
+                              CWS_PRODUCT_REQUESTS_PER_5_MIN=UNMETERED)
 
 
 def cpu_seconds(pid):

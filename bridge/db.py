@@ -371,8 +371,9 @@ def data_dir(url):
 
 
 def get_setting(key, default=None):
-    row = Setting.get_or_none(Setting.key == key)
-    return default if row is None else row.value
+    # Hand-written: every reservation reads the CWS balance, and peewee took ~0.2 ms to build this query.
+    row = run_sql('SELECT value FROM setting WHERE "key" = {p}', key).fetchone()
+    return default if row is None else row[0]
 
 
 def put_setting(key, value):

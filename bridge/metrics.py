@@ -63,14 +63,19 @@ class Metrics:
                                       "per-pass cap", ("kind",), registry=registry)
         self._token_clients = {}
         self._budgets = None
+        self._request_children = {}  # (method, route, status) -> (requests child, latency child)
 
     # ---- observers, called where things happen -----------------------------------------------
 
     def request(self, method, route, status_code, seconds):
         """One inbound request; `route` is the Bottle rule ("unmatched" when none), never the raw path."""
-        method = method if method in METHODS else "other"
-        self.requests.labels(method, route, status_code).inc()
-        self.request_seconds.labels(method, route).observe(seconds)
+        key = (method if method in METHODS else "other", route, status_code)
+        children = self._request_children.get(key)
+        if children is None:  # labels() takes a lock and checks its arguments: once per series, not per request
+            children = (self.requests.labels(*key), self.request_seconds.labels(*key[:2]))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def upstream(self, service, method, endpoint, status_code, seconds, attempt):
         """The Upstream observer: every attempt of every outbound call."""

@@ -8,7 +8,7 @@ from . import db, pricing
 from .contract import Line, stock_entry
 from .errors import ContractError
 from .log import event
-from .stock import available_stock, known_balance
+from .stock import available_with_balance
 
 log = logging.getLogger(__name__)
 ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
@@ -24,11 +24,11 @@ class Reservations:
     def reserve(self, lines, now, request_id=None):
         """POST /reservation: a new reservation for `lines`, or ContractError (404 unknown, 400 short)."""
         products = self._products_for(lines, now)
-        reservation_id = str(uuid.uuid4())
+        reservation_id, expires = str(uuid.uuid4()), self._expiry(now)
         with db.write_transaction():
             stock = self._take(lines, products, now)
-            _insert_reservation(reservation_id, now, self._expiry(now), request_id)
-            self._insert_lines(reservation_id, lines, products, now)
+            _insert_reservation(reservation_id, now, expires, request_id)
+            _insert_lines(reservation_id, lines, products, expires)
         event(log, "reservation.created", reservation=reservation_id,
               products=",".join(str(line.product_id) for line in lines))
         self.observe("created")
@@ -40,18 +40,18 @@ class Reservations:
         if reservation.state != ACTIVE:
             raise ContractError(400, "BR02", f"reservation {reservation_id} is {reservation.state}")
         lines = lines or self._old_lines(reservation_id)
-        products = self._products_for(lines, now)
+        products, expires = self._products_for(lines, now), self._expiry(now)
         with db.write_transaction():
             # Checked again under the write lock: a POST /order that won since the read above would otherwise be
             # left with fresh active lines beside its order, holding stock nobody can buy (test_concurrency.py).
-            if not db.Reservation.update(expires_at=self._expiry(now)).where(
+            if not db.Reservation.update(expires_at=expires).where(
                     db.Reservation.id == reservation_id, db.Reservation.state == ACTIVE).execute():
                 raise ContractError(400, "BR02", f"reservation {reservation_id} is no longer active")
             # Replaced, not deactivated: an empty-body renewal re-reads "the lines" and must find only today's,
             # or each empty PUT added every line the reservation ever had (issue 12, item 1).
             db.ReservationLine.delete().where(db.ReservationLine.reservation == reservation_id).execute()
             stock = self._take(lines, products, now)
-            self._insert_lines(reservation_id, lines, products, now)
+            _insert_lines(reservation_id, lines, products, expires)
         event(log, "reservation.renewed", reservation=reservation_id)
         return {"reservation_id": reservation_id, "stock": stock}
 
@@ -105,8 +105,8 @@ class Reservations:
         """Inside the write transaction: check every line fits, or raise with what is available."""
         cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
         db.lock_rows(db.CwsProduct, cws_ids)
-        balance = known_balance()
-        available = _payable(available_stock(cws_ids, now), products, balance)
+        available, balance = available_with_balance(cws_ids, now)
+        available = _payable(available, products, balance)
         demand = defaultdict(int)
         for line in lines:
             demand[products[line.product_id].cws_product_id] += line.quantity
@@ -135,14 +135,6 @@ class Reservations:
             entries.append(stock_entry(line.product_id, shown))
         return entries
 
-    def _insert_lines(self, reservation_id, lines, products, now):
-        moment, money = db.ReservationLine.expires_at.db_value, db.MoneyField().db_value
-        expires = moment(self._expiry(now))
-        rows = [(reservation_id, line.product_id, products[line.product_id].cws_product_id, line.quantity,
-                 money(line.unit_price), money(products[line.product_id].offer_price), True, expires)
-                for line in lines]
-        db.database.obj.cursor().executemany(db.sql(INSERT_LINE_SQL), rows)
-
     @staticmethod
     def _deactivate_lines(reservation_id):
         db.ReservationLine.update(active=False).where(db.ReservationLine.reservation == reservation_id).execute()
@@ -156,6 +148,7 @@ class Reservations:
         return now + timedelta(seconds=self.settings.reservation_ttl)
 
 
+MONEY = db.MoneyField()  # its conversions, without building a field per call
 SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost fetched_at offer_price")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
@@ -165,6 +158,14 @@ INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expir
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
 INSERT_LINE_SQL = ("INSERT INTO reservation_line (reservation_id, g2a_product_id, cws_product_id, quantity, "
                    "unit_price, offer_price, active, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
+
+
+def _insert_lines(reservation_id, lines, products, expires_at):
+    moment, money = db.ReservationLine.expires_at.db_value(expires_at), MONEY.db_value
+    rows = [(reservation_id, line.product_id, products[line.product_id].cws_product_id, line.quantity,
+             money(line.unit_price), money(products[line.product_id].offer_price), True, moment)
+            for line in lines]
+    db.database.obj.cursor().executemany(db.sql(INSERT_LINE_SQL), rows)
 
 
 def _insert_reservation(reservation_id, now, expires_at, request_id):
@@ -178,7 +179,7 @@ def _sellable(g2a_ids):
     database = db.database.obj
     sql = SELLABLE_SQL.format(", ".join([database.param] * len(g2a_ids)))
     rows = database.execute_sql(sql, list(g2a_ids)).fetchall()
-    money, moment = db.MoneyField().python_value, db.CwsProduct.fetched_at.python_value
+    money, moment = MONEY.python_value, db.CwsProduct.fetched_at.python_value
     return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
                                     moment(row[6]), money(row[7])) for row in rows}
 

@@ -1,14 +1,13 @@
 """The HTTP side: G2A's merchant contract on Bottle, served by Waitress; errors mapped to JSON in one place."""
 import json
 import logging
-import re
 import threading
 import time
-import uuid
 
 import bottle
 
 from . import alerts, db, httpserver, postbacks
+from .access import MAX_BODY_BYTES, AccessLog
 from .auth import CONTRACT, METRICS, FailureBrake, TokenStore, delete_unconfigured_tokens
 from .budget import budgets_for
 from .contract import check_id, error_body, parse_json, parse_order, parse_reservation
@@ -24,11 +23,7 @@ from .refresh import StockRefresher
 from .reservations import Reservations
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("bridge.access")
-MAX_BODY_BYTES = 256 * 1024
 MAX_NOTIFICATIONS = 100  # per request: 120,000 one-row inserts in a 256 KiB body held a web thread for minutes
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch
-QUIET_PATHS = ("/healthcheck", "/health", "/metrics")
 TRUSTED_PROXY = "127.0.0.1"  # the local TLS proxy: the only peer whose X-Forwarded-For Waitress believes
 # Route config auth=MONITORING: a contract or a METRICS_CLIENTS pair (Bearer/Basic), or a direct call from this machine.
 MONITORING = "monitoring"
@@ -59,14 +54,20 @@ class ErrorPlugin:
         def wrapper(*args, **kwargs):
             try:
                 return callback(*args, **kwargs)
-            except ContractError as err:
-                return reply(err.status, err.body())
             except bottle.HTTPResponse:
                 raise
-            except Exception:
-                log.exception("web.unhandled %s %s", bottle.request.method, bottle.request.path)
-                return reply(500, error_body("ERR99", "internal error; the seller has been notified in the logs"))
+            except Exception as err:
+                return reply(*failure(err, bottle.request.method, bottle.request.path))
         return wrapper
+
+
+def failure(err, method, path):
+    """(status, {code, message}) for what a route raised: a ContractError says it; anything else is a bug, logged
+    with its traceback (call this in the `except` block) and answered 500 ERR99."""
+    if isinstance(err, ContractError):
+        return err.status, err.body()
+    log.exception("web.unhandled %s %s", method, path)
+    return 500, error_body("ERR99", "internal error; the seller has been notified in the logs")
 
 
 class AuthPlugin:
@@ -184,7 +185,7 @@ def create_app(settings, cws=None, metrics=None):
     @app.get("/healthcheck")
     def healthcheck():
         return reply(204)
-    app.healthcheck_passes = lambda environ: healthcheck_passes(tokens, brake, environ)
+    app.known_caller = lambda environ: known_caller(tokens, brake, environ)
 
     @app.get("/health", auth=False)
     def health():
@@ -205,10 +206,14 @@ def create_app(settings, cws=None, metrics=None):
         bottle.response.content_type = CONTENT_TYPE
         return metrics.exposition(settings, db.utcnow())
 
+    def reservation_answer(body):
+        return 200, reservations.reserve(parse_reservation(body), db.utcnow(), REQUEST_ID.get())
+
     @app.post("/reservation")
     def create_reservation():
-        lines = parse_reservation(read_body())
-        return reply(200, reservations.reserve(lines, db.utcnow(), REQUEST_ID.get()))
+        return reply(*reservation_answer(read_body()))
+    app.fast_routes = {("POST", "/reservation"):
+                       lambda body: answered(reservation_answer, body, "POST", "/reservation")}
 
     @app.put("/reservation/<reservation_id>")
     def renew_reservation(reservation_id):
@@ -256,11 +261,21 @@ def create_app(settings, cws=None, metrics=None):
     return app
 
 
-def healthcheck_passes(tokens, brake, environ):
-    """True when GET /healthcheck may be answered 204 at once: a Bearer token this process already knows, from a
-    caller the brake lets through. No database, no Bottle; anything else takes the route (and its errors)."""
-    return (environ.get("REQUEST_METHOD") == "GET" and not brake.braked(environ.get("REMOTE_ADDR", ""))
+def known_caller(tokens, brake, environ):
+    """True when the fast lane (access.py) may answer: a Bearer contract token this process already checked, from
+    a caller the brake lets through; what the auth plugin would accept without the database. Anything else takes
+    the Bottle route, its checks and its errors."""
+    return (not brake.braked(environ.get("REMOTE_ADDR", ""))
             and tokens.known(environ.get("HTTP_AUTHORIZATION"), time.time()))
+
+
+def answered(answer, body, method, path):
+    """answer(body) -> (status, payload), or the failure() of what it raised: a fast route's errors are the
+    ErrorPlugin's."""
+    try:
+        return answer(body)
+    except Exception as err:
+        return failure(err, method, path)
 
 
 def returned_item_ids(query):
@@ -307,74 +322,6 @@ def _error_page(code, message):
         bottle.response.content_type = "application/json"
         return json.dumps(error_body(code, message))
     return page
-
-
-class AccessLog:
-    """WSGI wrapper: request id in and out, body size limit, one access line per request with status and latency
-    (also counted in `metrics` by route rule, if given). A /healthcheck the app's `healthcheck_passes` accepts is
-    answered here, counted and nothing more: it is G2A's liveness probe."""
-
-    def __init__(self, app, metrics=None):
-        self.app, self.metrics = app, metrics
-        self.healthcheck_passes = getattr(app, "healthcheck_passes", lambda environ: False)
-        self._healthchecks = metrics.requests.labels("GET", "/healthcheck", "204") if metrics else None
-
-    def __call__(self, environ, start_response):
-        started = time.perf_counter()
-        offered = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex[:16]
-        if environ.get("PATH_INFO") == "/healthcheck" and self.healthcheck_passes(environ):
-            return self._healthy(environ, start_response, request_id, started)
-        token = REQUEST_ID.set(request_id)
-        status_seen = []
-
-        def start(status, headers, exc_info=None):
-            status_seen.append(status.split(" ", 1)[0])
-            return start_response(status, headers + [("X-Request-Id", request_id)], exc_info)
-        try:
-            if _too_large(environ):
-                return self._too_large(start)
-            return self.app(environ, start)
-        finally:
-            self._log(environ, status_seen, started)
-            self._count(environ, status_seen, started)
-            REQUEST_ID.reset(token)
-
-    def _healthy(self, environ, start_response, request_id, started):
-        start_response("204 No Content", [("X-Request-Id", request_id)])
-        if self._healthchecks is not None:
-            self._healthchecks.inc()
-        if access_log.isEnabledFor(logging.DEBUG):
-            self._log(environ, ["204"], started)
-        return []
-
-    @staticmethod
-    def _too_large(start):
-        body = json.dumps(error_body("BR01", f"request body larger than {MAX_BODY_BYTES} bytes")).encode()
-        start("413 Request Entity Too Large", [("Content-Type", "application/json"),
-                                                ("Content-Length", str(len(body)))])
-        return [body]
-
-    @staticmethod
-    def _log(environ, status_seen, started):
-        path = environ.get("PATH_INFO", "")
-        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
-        event(access_log, "http", level=level, method=environ.get("REQUEST_METHOD"), path=path[:200],
-              status=status_seen[0] if status_seen else "-", ms=round((time.perf_counter() - started) * 1000, 1))
-
-    def _count(self, environ, status_seen, started):
-        if self.metrics is None:
-            return
-        route = environ.get("bottle.route")  # the rule, never the raw path: ids would make endless series
-        self.metrics.request(environ.get("REQUEST_METHOD", ""), route.rule if route else "unmatched",
-                             status_seen[0] if status_seen else "500", time.perf_counter() - started)
-
-
-def _too_large(environ):
-    try:
-        return int(environ.get("CONTENT_LENGTH") or 0) > MAX_BODY_BYTES
-    except ValueError:
-        return True
 
 
 def watch_mapping(settings, stop, interval=2.0):

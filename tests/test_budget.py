@@ -4,13 +4,13 @@ import pytest
 
 from bridge.budget import (BACKOFF_CAP, PERSISTENT, ROLES, SPLIT, UNMETERED, Budget, allot, budgets_for, limits)
 from bridge.config import Settings
-from test_upstream import Clock
+from fakes import FakeClock
 
 CLASSES = ("cws_token", "cws_list", "cws_product", "cws_other", "g2a")
 
 
 def budget(limit=10, window=60.0, clock=None, alarm=None):
-    clock = clock or Clock()
+    clock = clock or FakeClock(1000.0)
     return Budget("cws_product", limit, window, clock=clock, sleep=clock.sleep, alarm=alarm), clock
 
 
@@ -40,7 +40,7 @@ def test_try_acquire_never_waits():
     spent, clock = budget(limit=2)
     assert spent.try_acquire() and spent.try_acquire()
     assert not spent.try_acquire()
-    assert clock.sleeps == []
+    assert clock.slept == []
 
 
 def test_acquire_gives_up_when_no_slot_frees_up_within_its_timeout():
@@ -169,7 +169,7 @@ def test_429s_are_counted():
 # --- persistent throttle ------------------------------------------------------------------
 
 def test_a_class_throttled_for_minutes_alerts_once_naming_the_class_and_its_budget():
-    clock, raised = Clock(), []
+    clock, raised = FakeClock(1000.0), []
     settings = Settings(cws_list_per_10_min=400, upstream_budget_share=0.9)
     budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep,
                           alarm=lambda name, text: raised.append((name, text)))

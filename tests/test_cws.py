@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 import requests
-from test_upstream import Clock
+from fakes import FakeClock
 
 from bridge import cws as cws_module
 from bridge.budget import UNMETERED, budgets_for
@@ -343,7 +343,7 @@ def test_the_token_and_every_call_are_reported_to_the_observer(client, requests_
 @pytest.fixture
 def metered(requests_mock):
     """A CWS client spending the worker's budgets, on a fake clock."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.post(BASE + "/oauth/token", json={"access_token": "tok", "expires_in": 1158})
     budgets = budgets_for(SETTINGS, "worker", clock=clock, sleep=clock.sleep, alarm=lambda *args: None)
     return CwsClient(SETTINGS, budgets=budgets, sleep=clock.sleep, clock=clock), budgets, clock
@@ -369,7 +369,7 @@ def test_a_429_on_the_catalogue_waits_its_retry_after_and_slows_only_that_class(
     requests_mock.get(PRODUCTS, [{"status_code": 429, "headers": {"Retry-After": "20"}},
                                  {"json": {"items": [product()]}}])
     assert [p.id for p in client.products([P1])] == [P1]
-    assert 20.0 in clock.sleeps
+    assert 20.0 in clock.slept
     assert budgets["cws_list"].throttles == 1 and budgets["cws_product"].throttles == 0
     assert budgets["cws_list"].per_second < budgets_for(SETTINGS, "worker")["cws_list"].per_second
 
@@ -384,7 +384,7 @@ def test_the_purchase_and_its_polling_go_out_while_every_read_class_is_held(mete
     client.place_order("g2a-1", [(P1, 1, None)], allow_preorder=False)
     client.order("o1")
     client.code("c1")
-    assert clock.sleeps == []
+    assert clock.slept == []
     assert budgets[UNMETERED].window_use() == (3, None)
 
 

@@ -1,8 +1,8 @@
 """Fulfilment in-process against the simulator: claim, purchase, keys, polling, recovery, returns, retry."""
 import base64
+import functools
 import json
 import logging
-import threading
 from datetime import timedelta
 from decimal import Decimal
 
@@ -21,24 +21,12 @@ from bridge.products import apply_mapping, load_mapping
 from bridge.refresh import StockRefresher
 from bridge.reservations import Reservations
 from conftest import SECRET_KEY, SKYLINES, SWITCH
+from fakes import FakeClock
+from concurrently import run_together
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 G2A_ORDER = 80201000000192
 BACKENDS = ("sqlite", "postgresql")  # each test runs on both databases (conftest.py)
-
-
-class Clock:
-    """Monotonic time that moves only when the code under test sleeps."""
-
-    def __init__(self):
-        self.seconds, self.slept = 0.0, []
-
-    def __call__(self):
-        return self.seconds
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-        self.seconds += seconds
 
 
 class Shop:
@@ -48,7 +36,7 @@ class Shop:
         self.sim, self.settings = sim, settings
         self.cws = CwsClient(settings)
         self.reservations = Reservations(settings, StockRefresher(self.cws, 0), PauseSwitch())
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.box = KeyBox(SECRET_KEY)
         self.service = self.fulfilment(**options)
         self.next_g2a_order = G2A_ORDER
@@ -180,11 +168,7 @@ def test_concurrent_orders_for_one_reservation_buy_exactly_once(shop, sim):
             results.append(shop.service.create_order(reservation_id, g2a_order_id, db.utcnow())[0])
         except ContractError as err:
             results.append(err.status)
-    threads = [threading.Thread(target=buyer, args=(n % 2 + 1,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(*(functools.partial(buyer, n % 2 + 1) for n in range(8)))
     assert sorted(results) == [200] + [409] * 7
     assert len(sim.cws.orders) == 1
 
@@ -500,11 +484,7 @@ def test_two_recoverers_reaching_for_one_claim_at_once_send_it_once(shop, sim):
     _, body = shop.order()
     sim.cws.delay = 0.3  # both read the claim and search CWS's history before either sends
     grace = shop.service.recovery_grace
-    recoverers = [threading.Thread(target=shop.fulfilment().recover, args=(later(grace + 1),)) for _ in range(2)]
-    for thread in recoverers:
-        thread.start()
-    for thread in recoverers:
-        thread.join()
+    run_together(*(functools.partial(shop.fulfilment().recover, later(grace + 1)) for _ in range(2)))
     assert sim.cws.requests["GET /v3/orders"] == 2 and sim.cws.requests["POST /v3/orders"] == 2  # 503 + one
     assert len(sim.cws.orders) == 1 and state(body["order_id"]) == db.COMPLETED
 
@@ -516,12 +496,12 @@ def test_the_grace_is_cws_resend_grace_seconds_and_never_below_the_longest_possi
     assert Fulfilment(slow, shop.cws, shop.box).recovery_grace == 180.0
 
 
-class Ticking(Clock):
+class Ticking(FakeClock):
     """Monotonic time that moves 5 s at every reading."""
 
     def __call__(self):
-        self.seconds += 5
-        return self.seconds
+        self.now += 5
+        return self.now
 
 
 def test_a_purchase_resent_after_a_401_counts_its_grace_from_the_resend(shop, sim):

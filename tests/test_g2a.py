@@ -9,26 +9,16 @@ from bridge.config import Settings
 from bridge.errors import UpstreamError
 from bridge.g2a import G2aClient, Offer
 from bridge.budget import Budget, Budgets
+from fakes import FakeClock
 
 BASE = "https://api.g2a.com"
 TOKEN = {"access_token": "t1", "token_type": "bearer", "expires_in": 3600}
 JOB = {"data": {"jobId": "job-1"}}
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return FakeClock()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ LAYERS = {
         "stock", "pacing"},
     2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report", "stuck", "balance"},
-    3: {"web", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},
+    3: {"web", "access", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},
 }
 SIMULATOR = "sim"  # the package bridge/sim/: a side module, imported only by entry points
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -5,14 +5,7 @@ import requests
 
 from bridge.auth import FailureBrake
 from bridge.errors import ContractError
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from fakes import FakeClock
 
 
 def braked(brake, ip):
@@ -31,7 +24,7 @@ def fail(brake, ip, times=1):
 
 
 def test_a_flood_of_10001_new_addresses_does_not_free_a_braked_one():
-    brake = FailureBrake(clock=Clock())
+    brake = FailureBrake(clock=FakeClock(1000.0))
     fail(brake, "203.0.113.7", 20)
     assert braked(brake, "203.0.113.7")
     for n in range(10_001):
@@ -41,7 +34,7 @@ def test_a_flood_of_10001_new_addresses_does_not_free_a_braked_one():
 
 
 def test_when_the_table_is_full_the_oldest_unbraked_addresses_go_first():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     brake = FailureBrake(clock=clock, capacity=100)
     fail(brake, "198.51.100.1", 19)  # one short of the brake, and the oldest
     clock.now += 1
@@ -53,7 +46,7 @@ def test_when_the_table_is_full_the_oldest_unbraked_addresses_go_first():
 
 
 def test_a_full_table_of_braked_addresses_stays_bounded_and_keeps_the_newest_brakes():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     brake = FailureBrake(clock=clock, capacity=10)
     for n in range(15):
         fail(brake, f"10.0.0.{n}", 20)
@@ -63,14 +56,14 @@ def test_a_full_table_of_braked_addresses_stays_bounded_and_keeps_the_newest_bra
 
 
 def test_successful_calls_from_new_addresses_leave_no_entry():
-    brake = FailureBrake(clock=Clock())
+    brake = FailureBrake(clock=FakeClock(1000.0))
     for n in range(1000):
         brake.check(f"10.0.{n >> 8}.{n & 255}")
     assert brake.size() == 0
 
 
 def test_ipv6_addresses_count_per_64_block():
-    brake = FailureBrake(clock=Clock())
+    brake = FailureBrake(clock=FakeClock(1000.0))
     for n in range(20):
         fail(brake, f"2001:db8:1:2::{n + 1:x}")
     assert braked(brake, "2001:db8:1:2:ffff:ffff:ffff:ffff")
@@ -78,14 +71,14 @@ def test_ipv6_addresses_count_per_64_block():
 
 
 def test_an_ipv4_mapped_ipv6_address_counts_as_its_ipv4_address():
-    brake = FailureBrake(clock=Clock())
+    brake = FailureBrake(clock=FakeClock(1000.0))
     fail(brake, "::ffff:203.0.113.9", 20)
     assert braked(brake, "203.0.113.9")
     assert not braked(brake, "203.0.113.10")
 
 
 def test_the_brake_lets_an_address_go_when_its_window_has_passed():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     brake = FailureBrake(clock=clock)
     fail(brake, "203.0.113.7", 20)
     clock.now += 61

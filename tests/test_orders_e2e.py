@@ -1,11 +1,11 @@
 """End to end: G2A buys through the real web process; the real worker delivers late keys and recovers."""
 import base64
-import threading
 import time
 
 import pytest
 
 from conftest import SKYLINES, SWITCH
+from concurrently import run_together
 
 SWITCH_CWS, SKYLINES_CWS = "466c805b-ead1-4851-bc4f-9eda242550ad", "067ccfe1-655a-4a1f-8362-c655bb9bbf95"
 BACKENDS = ("sqlite", "postgresql")  # each test runs on both databases (conftest.py)
@@ -91,11 +91,7 @@ def test_concurrent_orders_for_one_reservation_buy_once(shop, sim):
     def post():
         answer = shop.g2a.call("POST", "/order", {"reservation_id": reservation_id, "g2a_order_id": 555})
         statuses.append(answer.status_code)
-    threads = [threading.Thread(target=post) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(*[post] * 8)
     assert sorted(statuses) == [200] + [409] * 7
     assert len(sim.cws.orders) == 1
 

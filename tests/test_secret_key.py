@@ -15,6 +15,7 @@ from bridge import db, migrations
 from bridge.config import Settings
 from bridge.crypto import KEY_FILE_NAME, KeyBox, load_key_box, open_key_box
 from bridge.errors import ConfigError
+from concurrently import run_together
 
 OTHER_KEY = base64.urlsafe_b64encode(b"another key, 32 bytes long......").decode()
 
@@ -44,11 +45,7 @@ def test_processes_generating_the_key_at_the_same_moment_all_get_the_same_one(tm
     def generate():
         start.wait()
         boxes.append(load_key_box("", tmp_path))
-    threads = [threading.Thread(target=generate) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(*[generate] * 8)
     token = boxes[0].encrypt("key")
     assert [box.decrypt(token) for box in boxes] == [b"key"] * 8
     assert os.listdir(tmp_path) == [KEY_FILE_NAME]

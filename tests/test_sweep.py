@@ -16,6 +16,7 @@ from bridge.pacing import Allowance, Pacer
 from bridge.sweep import LISTING_KEY, PROGRESS_KEY, reading_plan
 from conftest import sqlite_steps
 from test_sync import world  # noqa: F401  (the simulator world of the sync tests, a fixture)
+from fakes import FakeClock
 
 IN_SYNC = ("6.48", 10, True)  # the offer of a CWS product at 5.00 with 10 keys
 
@@ -132,39 +133,25 @@ def test_a_write_allowance_refills_over_time_up_to_its_capacity():
     assert allowance.take(5) == 3
 
 
-class FakeTime:
-    """A clock and a sleep that only moves it, recording each sleep."""
-
-    def __init__(self):
-        self.now, self.slept = 0.0, []
-
-    def clock(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 def test_a_pacer_spaces_requests_evenly_after_a_small_burst():
-    time = FakeTime()
-    pacer = Pacer(lambda: 0.5, burst=2, clock=time.clock, sleep=time.sleep)
+    clock = FakeClock()
+    pacer = Pacer(lambda: 0.5, burst=2, clock=clock, sleep=clock.sleep)
     for _ in range(5):
         pacer.wait()
-    assert time.slept == [2.0, 2.0, 2.0]
-    unmetered = Pacer(lambda: None, burst=1, clock=time.clock, sleep=time.sleep)
+    assert clock.slept == [2.0, 2.0, 2.0]
+    unmetered = Pacer(lambda: None, burst=1, clock=clock, sleep=clock.sleep)
     for _ in range(5):
         unmetered.wait()
-    assert time.slept == [2.0, 2.0, 2.0]
+    assert clock.slept == [2.0, 2.0, 2.0]
 
 
 def test_a_sweep_spreads_its_requests_at_the_list_pace(world):
     products(world, 8)
     world.engine.batch_size = 2
-    time = FakeTime()
-    world.engine.list_pacer = Pacer(lambda: 0.25, burst=1, clock=time.clock, sleep=time.sleep)
+    clock = FakeClock()
+    world.engine.list_pacer = Pacer(lambda: 0.25, burst=1, clock=clock, sleep=clock.sleep)
     world.engine.full_pass()
-    assert world.sim.cws.requests["GET /v3/products"] == 4 and time.slept == [4.0, 4.0, 4.0]
+    assert world.sim.cws.requests["GET /v3/products"] == 4 and clock.slept == [4.0, 4.0, 4.0]
 
 
 # ---- the priority lane -------------------------------------------------------------------

@@ -9,23 +9,11 @@ from bridge.config import CWS_HOSTS, G2A_HOSTS
 from bridge.budget import Budget, Budgets
 from bridge.errors import BudgetSpent, ConfigError, OutcomeUnknown, UpstreamError
 from bridge.upstream import BACKOFF_CAP, TokenCache, Upstream, error_details, fetch_client_token
+from fakes import FakeClock
 
 BASE = "https://api.codeswholesale.com"
 TOKEN_URL = BASE + "/oauth/token"
 ITEMS = BASE + "/v3/items"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-        self.sleeps = []
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def make(retry_max=2, with_token=False, clock=None, **kwargs):
@@ -33,7 +21,7 @@ def make(retry_max=2, with_token=False, clock=None, **kwargs):
     upstream = Upstream("cws", BASE, 5, retry_max, allowed_hosts=CWS_HOSTS, sleep=waits.append, **kwargs)
     if with_token:
         upstream.token = TokenCache(lambda: fetch_client_token(upstream, "/oauth/token", "id", "s3cret-value"),
-                                    clock=clock or Clock())
+                                    clock=clock or FakeClock(1000.0))
     return upstream, waits
 
 
@@ -72,7 +60,7 @@ def test_the_token_request_is_a_client_credentials_form_without_auth(requests_mo
 def test_a_token_is_refreshed_after_80_percent_of_its_lifetime(requests_mock):
     token_calls = tokens(requests_mock, "t1", "t2", expires_in=100)
     items = requests_mock.get(ITEMS, json={})
-    clock = Clock()
+    clock = FakeClock(1000.0)
     upstream, _ = make(with_token=True, clock=clock)
     upstream.request("GET", "/v3/items")
     clock.now += 79
@@ -85,7 +73,7 @@ def test_a_token_is_refreshed_after_80_percent_of_its_lifetime(requests_mock):
 
 
 def test_token_age_counts_from_when_the_token_was_obtained():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     cache = TokenCache(lambda: ("t1", 3600), clock=clock)
     assert cache.age_seconds is None
     cache.get()
@@ -97,7 +85,7 @@ def test_token_age_counts_from_when_the_token_was_obtained():
 
 def test_invalidating_a_stale_token_keeps_the_current_one():
     issued = iter(["t1", "t2", "t3"])
-    cache = TokenCache(lambda: (next(issued), 3600), clock=Clock())
+    cache = TokenCache(lambda: (next(issued), 3600), clock=FakeClock(1000.0))
     assert cache.get() == "t1"
     cache.invalidate("t1")
     assert cache.get() == "t2"
@@ -387,19 +375,19 @@ def metered(clock, limit=2, window=60.0, name="cws_list"):
 
 
 def test_each_attempt_spends_the_budget_of_the_class_named_by_the_call_retries_included(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"status_code": 503}, {"json": {}}, {"json": {}}])
     budgets = metered(clock)
     upstream, _ = make(budgets=budgets)
     upstream.request("GET", "/v3/items", budget="cws_list")
-    assert clock.sleeps == []
+    assert clock.slept == []
     upstream.request("GET", "/v3/items", budget="cws_list")
-    assert clock.sleeps == [60.0]
+    assert clock.slept == [60.0]
     assert budgets["cws_list"].requests == 3
 
 
 def test_attempts_that_got_no_answer_give_their_slot_back_so_an_outage_leaves_the_class_unspent(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"exc": refused()}, {"exc": requests.ConnectionError("dropped")},
                               {"exc": requests.ReadTimeout("black hole")}, {"json": {"ok": 1}}])
     budgets = metered(clock, limit=1)
@@ -409,59 +397,59 @@ def test_attempts_that_got_no_answer_give_their_slot_back_so_an_outage_leaves_th
             upstream.request("GET", "/v3/items", budget="cws_list")
     assert budgets["cws_list"].window_use()[0] == 0
     assert upstream.request("GET", "/v3/items", budget="cws_list") == {"ok": 1}
-    assert clock.sleeps == [] and budgets["cws_list"].window_use()[0] == 1
+    assert clock.slept == [] and budgets["cws_list"].window_use()[0] == 1
 
 
 def test_a_call_without_a_class_is_not_metered(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, json={})
     upstream, _ = make(budgets=metered(clock, limit=1))
     for _ in range(5):
         upstream.request("GET", "/v3/items")
-    assert clock.sleeps == []
+    assert clock.slept == []
 
 
 def test_a_call_that_will_not_wait_raises_budget_spent_without_sending(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     items = requests_mock.get(ITEMS, json={})
     upstream, _ = make(budgets=metered(clock, limit=1))
     upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
     with pytest.raises(BudgetSpent):
         upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
-    assert items.call_count == 1 and clock.sleeps == []
+    assert items.call_count == 1 and clock.slept == []
 
 
 def test_a_429_holds_its_class_for_retry_after_before_the_retry(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "45"}}, {"json": {"ok": 1}}])
     budgets = metered(clock, limit=100)
     upstream, waits = make(budgets=budgets)
     assert upstream.request("GET", "/v3/items", budget="cws_list") == {"ok": 1}
-    assert clock.sleeps == [45.0] and waits == []  # the budget waited, not the retry loop
+    assert clock.slept == [45.0] and waits == []  # the budget waited, not the retry loop
     assert budgets["cws_list"].throttles == 1
 
 
 def test_a_429_slows_its_class_and_an_answer_ends_the_streak(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"status_code": 429}, {"json": {}}])
     budgets = metered(clock, limit=100, window=100)
     upstream, _ = make(budgets=budgets)
     upstream.request("GET", "/v3/items", budget="cws_list")
     assert budgets["cws_list"].per_second < 1.0
-    assert clock.sleeps == [0.25]  # no Retry-After: the budget's first backoff step
+    assert clock.slept == [0.25]  # no Retry-After: the budget's first backoff step
     assert not budgets["cws_list"].throttling
 
 
 def test_an_absurd_retry_after_is_ignored(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "999999"}}, {"json": {}}])
     upstream, _ = make(budgets=metered(clock, limit=100))
     upstream.request("GET", "/v3/items", budget="cws_list")
-    assert clock.sleeps == [0.25]
+    assert clock.slept == [0.25]
 
 
 def test_429s_beyond_the_retries_surface_as_a_retryable_error(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "2"})
     budgets = metered(clock, limit=100)
     upstream, _ = make(budgets=budgets, retry_max=2)
@@ -472,19 +460,19 @@ def test_429s_beyond_the_retries_surface_as_a_retryable_error(requests_mock):
 
 
 def test_a_caller_that_will_not_wait_still_waits_out_a_short_hold_before_its_retry(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     requests_mock.get(ITEMS, [{"status_code": 429, "headers": {"Retry-After": "3"}}, {"json": {"ok": 1}}])
     upstream, _ = make(budgets=metered(clock, limit=100))
     assert upstream.request("GET", "/v3/items", budget="cws_list", wait=False) == {"ok": 1}
-    assert clock.sleeps == [3.0]
+    assert clock.slept == [3.0]
 
 
 def test_a_caller_that_will_not_wait_gives_up_on_a_long_hold_and_others_are_not_sent_meanwhile(requests_mock):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     items = requests_mock.get(ITEMS, status_code=429, headers={"Retry-After": "120"})
     upstream, _ = make(budgets=metered(clock, limit=100))
     with pytest.raises(BudgetSpent):
         upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
     with pytest.raises(BudgetSpent):
         upstream.request("GET", "/v3/items", budget="cws_list", wait=False)
-    assert items.call_count == 1 and clock.sleeps == []
+    assert items.call_count == 1 and clock.slept == []

@@ -18,7 +18,7 @@ from bridge.worker import checked
 from conftest import SWITCH
 from polling import wait_for
 from test_faults import IN_SYNC, SWITCH_CWS, events, inventory_size, offers, offers_become
-from test_upstream import Clock
+from fakes import FakeClock
 
 # Scaled-down limits, enforced by the simulator exactly as configured in the bridge.
 SCALED = {"token": (10, 300.0), "list": (20, 600.0), "product": (20, 300.0)}
@@ -91,7 +91,7 @@ def engine(settings, sim):
     """The worker's sync engine in-process, on a clock the budgets and the upstream retries share."""
     database = migrations.open_database(settings.database_url)
     apply_mapping(load_mapping(settings.products_file, settings.default_fixed_profit, settings.default_fee))
-    clock = Clock()
+    clock = FakeClock(1000.0)
     budgets = budgets_for(settings, "worker", clock=clock, sleep=clock.sleep)
     cws = CwsClient(settings, budgets=budgets, sleep=clock.sleep)
     g2a = G2aClient(settings, budgets=budgets, job_poll_interval=0.01)

@@ -1,7 +1,6 @@
 """End to end: the real web server against the simulator, called the way G2A calls it."""
 import base64
 import json
-import threading
 import time
 
 import pytest
@@ -9,6 +8,7 @@ import requests
 
 from bridge import pause
 from conftest import OUR_ID, OUR_SECRET, SKYLINES, SWITCH
+from concurrently import run_together
 
 UNKNOWN_PRODUCT = 10000099999999
 BACKENDS = ("sqlite", "postgresql")  # each test runs on both databases (conftest.py)
@@ -177,11 +177,7 @@ def test_forty_concurrent_reservations_for_five_keys_reserve_exactly_five(web, s
     def buyer():
         answer = web.call("POST", "/reservation", [{"product_id": SKYLINES, "quantity": 1}])
         results.append(answer.status_code)
-    threads = [threading.Thread(target=buyer) for _ in range(40)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(*[buyer] * 40)
     assert sorted(results) == [200] * 5 + [400] * 35
 
 
