@@ -230,12 +230,13 @@ for name, value in values.items():
 PY
 }
 
-# The services read bridge.env themselves (ENV_FILE), as the service user: its group may read it, nobody
-# else. Re-applied on every run, so an install from before this rule gets it too.
-share_env_file() {
+# bridge.env is root's alone (OPERATOR.md): the units get a private copy from systemd (LoadCredential=), the
+# commands printed without systemd get it on standard input from root's shell. Re-applied on every run, so an
+# install that made it 0640 gets 0600 back.
+own_env_file() {
     [ $MANAGE_USER -eq 1 ] || return 0
     chown "root:$SERVICE_USER" "$ENV_FILE"
-    chmod 0640 "$ENV_FILE"
+    chmod 0600 "$ENV_FILE"
 }
 
 # The units used to set DATABASE_URL and PRODUCTS_FILE themselves; now bridge.env is their only source, so
@@ -305,7 +306,7 @@ write_config() {
         mv -f "$tmp" "$ENV_FILE"
         say "config: $ENV_FILE created with new OUR_API_CLIENT_ID, OUR_API_CLIENT_SECRET, BRIDGE_SECRET_KEY"
     fi
-    share_env_file
+    own_env_file
     if [ -e "$ETC_DIR/products.json" ]; then
         say "products: $ETC_DIR/products.json kept"
     else
@@ -361,7 +362,7 @@ case " \$* " in
     *) if [ ! -r "\$ENV_FILE" ]; then
            hint="run it as root"
            command -v sudo >/dev/null && hint="run: sudo g2a-bridge \$*"
-           echo "g2a-bridge: cannot read \$ENV_FILE (root and the service's group only); \$hint" >&2
+           echo "g2a-bridge: cannot read \$ENV_FILE (root only); \$hint" >&2
            exit 2
        fi ;;
 esac
@@ -443,17 +444,22 @@ print_foreground() {
 }
 
 # The units use only plain KEY=value lines (no quoting, no ExecStart prefixes), so a line split will do.
+# The file systemd would copy into the credentials folder (LoadCredential=NAME:FILE) comes on standard input
+# instead, opened by root's shell before runuser, and ENV_FILE=- reads it there: the service user cannot open
+# the 0600 file itself.
 foreground_command() {
-    local key value dir=/ env="" exec_start="" as_user=""
+    local key value dir=/ env="" exec_start="" as_user="" stdin=""
     while IFS='=' read -r key value; do
         case $key in
             WorkingDirectory) dir=$value ;;
-            Environment) env+=" $value" ;;
+            LoadCredential) stdin=" <${value#*:}" ;;
+            Environment) case $value in ENV_FILE=/run/credentials/*) value=ENV_FILE=- ;; esac
+                         env+=" $value" ;;
             ExecStart) exec_start=$value ;;
         esac
     done <"$1"
     [ $MANAGE_USER -eq 1 ] && as_user="runuser -u $SERVICE_USER -- "
-    printf 'cd %s && umask 077 && %senv%s %s\n' "$dir" "$as_user" "$env" "$exec_start"
+    printf 'cd %s && umask 077 && %senv%s %s%s\n' "$dir" "$as_user" "$env" "$exec_start" "$stdin"
 }
 
 # Processes started by hand (no systemd, or the commands above) outlive the uninstall: say so.

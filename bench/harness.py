@@ -97,7 +97,8 @@ def bridge_env(sim, folder, port, **extra):
            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
            "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
            "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
-           "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8"}
+           "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8",
+           "MALLOC_ARENA_MAX": "2"}  # as the units set it (systemd/)
     env.update({key: str(value) for key, value in extra.items()})
     return env
 

@@ -83,13 +83,12 @@ def footprint(folder):
 
 
 def memory(pid):
-    """(RSS in MB, open file descriptors) of a process, or (nan, 0) once it is gone."""
+    """(RSS in MB, open file descriptors, threads) of a process, or (nan, 0, 0) once it is gone."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, StopIteration):
-        return math.nan, 0
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(status["VmRSS"].split()[0]) / 1024, len(os.listdir(f"/proc/{pid}/fd")), int(status["Threads"])
+    except (OSError, KeyError, ValueError):
+        return math.nan, 0, 0
 
 
 # ---- what G2A does -------------------------------------------------------------------------------------------------
@@ -295,11 +294,12 @@ def summary(stats, samples, disk, warm_up, started, ended, counts, folder, pendi
         late = [(t, mb) for t, mb in series if t >= warm_up] or series
         fds = [(t, s[name][1]) for t, s in samples]
         fds_late = [n for t, n in fds if t >= warm_up] or [n for _, n in fds]
+        threads = [s[name][2] for t, s in samples if t >= warm_up] or [s[name][2] for _, s in samples]
         lines.append(f"RSS {name:<6} start {series[0][1]:6.1f} MB -> after warm-up {late[0][1]:6.1f} MB -> end "
                      f"{series[-1][1]:6.1f} MB  (peak {max(mb for _, mb in series):6.1f} MB; slope after the "
                      f"warm-up {slope(late):+.3f} MB/min, whole run {slope(series):+.3f} MB/min); open fds "
                      f"{fds[0][1]} -> after warm-up {fds_late[0]} -> end {fds[-1][1]} (max after warm-up "
-                     f"{max(fds_late)})")
+                     f"{max(fds_late)}); threads after the warm-up {min(threads)}-{max(threads)}")
     lines.append(growth_line(disk, warm_up))
     by_action = Counter()
     for (action, status), n in stats.answers.items():
@@ -366,7 +366,7 @@ def drive(args, base, remote, procs, folder):
                 print(f"!! {name} exited with {proc.returncode}", flush=True)
                 end = now
         if now >= last_report + REPORT_EVERY or now >= end:
-            rss = {name: mb for name, (mb, _) in samples[-1][1].items()}
+            rss = {name: mb for name, (mb, _, _) in samples[-1][1].items()}
             line, previous = interval_line(now - started, now - last_report, stats, previous, rss, remote.counts(),
                                            len(g2a.pending))
             print(line, flush=True)

@@ -233,8 +233,20 @@ def _order_options(command):
     command.add_argument("--reveal", action="store_true", help="show the keys in full")
 
 
+RETRY_DESCRIPTION = (
+    "Drive a FAILED or stuck order again; it never buys twice. A FAILED order CWS holds is polled again, and if "
+    "CWS completed it with fewer codes than bought, exactly the missing units are bought once under a new client "
+    "order id. A FAILED order CWS refused takes returned keys from the pool first, then looks for its purchase in "
+    "CWS's order history (adopted if there) and sends it only when CWS has no trace of it. A claimed order "
+    "(purchase outcome unknown) is looked up in CWS's history now: adopted if there, sent again only "
+    "CWS_RESEND_GRACE_SECONDS after its last send. A preorder or fulfilling order is checked at CWS now. A "
+    "completed order is refused. Prints where the order is now.")
+
+
 def _retry_options(command):
-    command.add_argument("order_id", metavar="ORDER_ID", help="the FAILED or stuck order to drive again")
+    command.description = RETRY_DESCRIPTION
+    command.add_argument("order_id", metavar="ORDER_ID",
+                         help="the FAILED or stuck (claimed, preorder, fulfilling) order to drive again")
 
 
 # name: (function, options, summary, example)

@@ -4,9 +4,11 @@ Nothing else in the bridge reads os.environ. Every problem is collected so the o
 fixes the whole file in one go; secrets never appear in a repr.
 """
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -21,6 +23,7 @@ from .errors import ConfigError
 REQUIRED = ("OUR_API_CLIENT_ID", "OUR_API_CLIENT_SECRET", "CWS_CLIENT_ID", "CWS_CLIENT_SECRET",
             "G2A_API_KEY", "G2A_API_SECRET")
 ALIASES = {"G2A_API_SECRET": "G2A_API_HASH", "G2A_API_BASE_URL": "G2A_API_URL"}
+STDIN = "-"  # ENV_FILE=-: the file comes on standard input (README, "Without systemd")
 G2A_BASE_URLS = {"live": "https://api.g2a.com", "sandbox": "https://sandboxapi.g2a.com"}
 CWS_HOSTS = ("codeswholesale.com",)
 G2A_HOSTS = ("g2a.com",)
@@ -95,14 +98,30 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def load_environment(environ=None, cwd=None):
-    """The process environment layered over ENV_FILE (or ./.env): the real environment wins."""
+def load_environment(environ=None, cwd=None, stdin=None):
+    """The process environment layered over ENV_FILE (or ./.env): the real environment wins. ENV_FILE=- reads the
+    file from standard input (`stdin`, else sys.stdin), so a process may get a file only root can open."""
     environ = dict(os.environ if environ is None else environ)
-    env_file = environ.get("ENV_FILE") or str(Path(cwd or ".") / ".env")
-    if environ.get("ENV_FILE") and not Path(env_file).is_file():
-        raise ConfigError([f"ENV_FILE: {env_file} does not exist or is not a file"])
-    from_file = dotenv_values(env_file) if Path(env_file).is_file() else {}
+    if environ.get("ENV_FILE") == STDIN:
+        from_file = _read_stream(stdin or sys.stdin)
+    else:
+        from_file = _read_file(environ.get("ENV_FILE"), cwd)
     return {**{k: v for k, v in from_file.items() if v is not None}, **environ}
+
+
+def _read_file(named, cwd):
+    env_file = named or str(Path(cwd or ".") / ".env")
+    if named and not Path(env_file).is_file():
+        raise ConfigError([f"ENV_FILE: {env_file} does not exist or is not a file"])
+    return dotenv_values(env_file) if Path(env_file).is_file() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _read_stream(stream):
+    """A stream is read once; a second load_settings in the same process gets the same values, not an empty rest."""
+    if stream is None or stream.isatty():
+        raise ConfigError(["ENV_FILE: - means the file comes on standard input, and nothing was redirected there"])
+    return dotenv_values(stream=stream)
 
 
 def load_settings(environ=None, require_credentials=True):

@@ -276,6 +276,7 @@ class _Postgresql(PostgresqlDatabase):
 
 
 STATEMENT_CACHE = 16  # prepared statements kept per SQLite connection (bench/soak.py, docs/decisions.md)
+PAGE_CACHE_KB = 256  # database pages kept per SQLite connection (SQLite's default: 2,000 KiB)
 
 
 def _sqlite(path):
@@ -286,8 +287,12 @@ def _sqlite(path):
     # synchronous=FULL: a committed purchase claim must survive a power cut, not just a crash.
     # cached_statements: each thread has its own connection, and each IN (...) length is a statement of its own;
     # Python's default of 128 prepared statements per connection grew the worker by ~10 MB in a soak.
+    # cache_size: a connection drops its whole page cache whenever another process has written the WAL since its
+    # last read, so with a write every few ms a big cache holds nothing for long, but each connection's C heap
+    # grows to the largest read it ever did (up to 2 MB each at SQLite's default; the worker has 12).
     return _Sqlite(path, timeout=8, check_same_thread=False, cached_statements=STATEMENT_CACHE, pragmas={
-        "journal_mode": "wal", "busy_timeout": 8000, "foreign_keys": 1, "synchronous": "full"})
+        "journal_mode": "wal", "busy_timeout": 8000, "foreign_keys": 1, "synchronous": "full",
+        "cache_size": -PAGE_CACHE_KB})
 
 
 def _create_private(path):

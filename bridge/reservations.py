@@ -207,6 +207,9 @@ def _balance_covers(demand, products, balance):
 
 
 def expire_reservations(now):
-    """Cleanup job: lines of expired reservations stop counting (reads already ignore them; this keeps sums small)."""
-    return db.ReservationLine.update(active=False).where(
-        db.ReservationLine.active == True, db.ReservationLine.expires_at <= now).execute()  # noqa: E712
+    """Cleanup job: lines of expired reservations stop counting (reads already ignore them; this keeps sums small).
+    Looked up per product through the stock index, so the cost follows the catalogue, not the history of lines."""
+    line = db.ReservationLine
+    return line.update(active=False).where(
+        line.cws_product_id.in_(db.CwsProduct.select(db.CwsProduct.id)), line.active == True,  # noqa: E712
+        line.expires_at <= now).execute()

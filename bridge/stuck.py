@@ -6,6 +6,8 @@ Read-only, like status: the worker's `orders.stuck` job is the only writer (the 
 from dataclasses import dataclass
 from datetime import timedelta
 
+from peewee import fn
+
 from . import db
 from .alerts import raise_alert
 from .claims import resend_grace
@@ -43,7 +45,8 @@ def find(settings, now):
     """{kind: [orders, oldest first]}; every order in at most one kind (the first that fits)."""
     older = {name: now - timedelta(seconds=seconds) for name, seconds in deadlines(settings).items()}
     order, item = db.Order, db.OrderItem
-    pooled = order.id.in_(item.select(item.order).where(item.source == "pool"))
+    # Correlated, so only the candidate orders' items are read (an IN list of every pooled item grew with history).
+    pooled = fn.EXISTS(item.select(item.id).where((item.order == order.id) & (item.source == "pool")))
     preorder_overdue = ((order.state == db.PREORDER) & (order.created_at <= older["preorder_overdue"])
                         if not settings.cws_allow_preorder else None)
     queries = {

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -103,6 +103,7 @@ class SyncEngine:
         self.delta = delta.DeltaReads()
         self._lane_resume_at = self._quiet_until = 0.0
         self._failed_sweeps, self._sweep_resume_at = 0, None
+        self._pools = {}  # pass kind -> its writer threads, kept between passes
 
     def full_pass(self, now=None, dry_run=False):
         """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
@@ -271,8 +272,8 @@ class SyncEngine:
         writes, report.postponed = writes[:granted], report.postponed + len(writes) - granted
         if not writes:
             return
-        with ThreadPoolExecutor(self.writers, thread_name_prefix="g2a-write") as pool:
-            futures = [pool.submit(self._write, change) for change in writes]
+        futures = [self._pool(report.kind).submit(self._write, change) for change in writes]
+        try:
             done = []
             for future in as_completed(futures):
                 done.append(self._count(future.result(), report))
@@ -280,6 +281,16 @@ class SyncEngine:
                     self._record(done)
                     done = []
             self._record(done)
+        finally:
+            wait(futures)  # a pass never ends with its writes still in flight
+
+    def _pool(self, kind):
+        """The writer threads of one pass kind (passes of a kind never overlap; full, delta and lane passes may),
+        started once: the lane passes every 0.5 s, and threads started and ended per pass spread the worker's
+        memory over glibc's per-thread arenas, where freed memory piled up (docs/decisions.md)."""
+        if kind not in self._pools:
+            self._pools[kind] = ThreadPoolExecutor(self.writers, thread_name_prefix=f"g2a-write-{kind}")
+        return self._pools[kind]
 
     def _record(self, outcomes):
         store_outcomes(outcomes, self.clock())

@@ -72,6 +72,22 @@ def database(tmp_path):
     database.close()
 
 
+def sqlite_steps(call):
+    """SQLite virtual-machine steps (in thousands) `call()` costs on this thread's connection: what a query reads
+    grows with it, so a periodic query that must not grow with history is checked against it."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+    connection = db.database.obj.connection()
+    connection.set_progress_handler(count, 1000)
+    try:
+        call()
+    finally:
+        connection.set_progress_handler(None, 1000)
+    return steps[0]
+
+
 class BridgeProcess:
     """A real `python -m bridge COMMAND` process with its output captured to a file."""
 

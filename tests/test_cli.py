@@ -75,6 +75,16 @@ def test_every_command_has_help_with_an_example(name, capsys):
     assert "example: g2a-bridge " + name in out
 
 
+def test_retry_help_says_what_it_does_for_failed_and_each_stuck_state(capsys):
+    assert main(["retry", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for says in ("never buys twice", "A FAILED order CWS holds is polled again", "missing units",
+                 "A FAILED order CWS refused takes returned keys from the pool", "A claimed order",
+                 "CWS_RESEND_GRACE_SECONDS", "A preorder or fulfilling order is checked at CWS now",
+                 "A completed order is refused"):
+        assert says in out, says
+
+
 def test_bad_usage_exits_2(capsys):
     assert main(["orders", "--state", "lost"]) == 2
     assert main(["no-such-command"]) == 2

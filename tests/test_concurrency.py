@@ -380,12 +380,14 @@ def test_a_loss_alert_is_queued_even_when_the_other_process_commits_while_the_or
     assert [alert.kind for alert in db.Alert.select()] == ["loss"]
 
 
-def test_each_sqlite_connection_keeps_a_small_statement_cache(tmp_path):
+def test_each_sqlite_connection_keeps_a_small_statement_cache_and_page_cache(tmp_path):
     # One connection per thread, and every IN (...) length is a statement of its own: Python's default of 128
     # cached statements per connection was the worker's largest memory growth in bench/soak.py.
     database = db.connect(f"sqlite:///{tmp_path}/cache.db")
     try:
         assert database.connect_params["cached_statements"] == db.STATEMENT_CACHE <= 16
+        assert database.connection().execute("PRAGMA cache_size").fetchone() == (-db.PAGE_CACHE_KB,)
+        assert db.PAGE_CACHE_KB <= 256
         assert database.connection().execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         database.close()

@@ -1,11 +1,14 @@
 """Settings: every documented variable is read, aliases and ENV_FILE work, all problems at once, secrets hidden."""
+import io
 import re
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from bridge.config import load_settings
+from bridge.config import load_environment, load_settings
 from bridge.errors import ConfigError
 
 OPERATOR_MD = Path(__file__).resolve().parent.parent.parent / "shared" / "OPERATOR.md"
@@ -156,6 +159,38 @@ def test_a_dot_env_in_the_working_directory_is_read_unless_env_file_points_elsew
     assert load_settings({}).port == 4100
     (tmp_path / "other.env").write_text("\n".join(f"{k}={v}" for k, v in REQUIRED.items()) + "\nPORT=4200\n")
     assert load_settings({"ENV_FILE": str(tmp_path / "other.env")}).port == 4200
+
+
+class Terminal(io.StringIO):
+    """Standard input left on a terminal: nothing was redirected."""
+
+    def isatty(self):
+        return True
+
+
+def test_env_file_dash_reads_the_file_from_standard_input_with_the_same_parser():
+    stdin = io.StringIO("PORT=4300  # behind Caddy\nCWS_CLIENT_SECRET='$2a$10$quoted'\n")
+    env = load_environment({"ENV_FILE": "-", "LOG_LEVEL": "DEBUG"}, stdin=stdin)
+    assert (env["PORT"], env["CWS_CLIENT_SECRET"], env["LOG_LEVEL"]) == ("4300", "$2a$10$quoted", "DEBUG")
+    # Read once: a second load in the same process gets the same values, not the empty rest of the stream.
+    assert load_environment({"ENV_FILE": "-"}, stdin=stdin)["PORT"] == "4300"
+
+
+def test_env_file_dash_with_nothing_redirected_is_a_config_error_not_a_wait_for_typing():
+    with pytest.raises(ConfigError) as raised:
+        load_environment({"ENV_FILE": "-"}, stdin=Terminal())
+    assert raised.value.problems == [
+        "ENV_FILE: - means the file comes on standard input, and nothing was redirected there"]
+
+
+def test_a_process_started_with_env_file_dash_reads_the_file_redirected_to_it(tmp_path):
+    env_file = tmp_path / "bridge.env"
+    env_file.write_text("\n".join(f"{k}={v}" for k, v in REQUIRED.items()) + "\nPORT=4400  # note\n")
+    with open(env_file) as stdin:
+        result = subprocess.run([sys.executable, "-c", "from bridge.config import load_settings; "
+                                 "print(load_settings().port)"], stdin=stdin, capture_output=True, text=True,
+                                env={"ENV_FILE": "-"}, cwd=Path(__file__).resolve().parent.parent, timeout=30)
+    assert (result.returncode, result.stdout.strip()) == (0, "4400"), result.stderr
 
 
 def test_a_missing_env_file_is_a_config_error(tmp_path):

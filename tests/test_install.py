@@ -159,7 +159,8 @@ def test_the_units_point_at_the_prefix(install):
         text = (install.unit_dir / unit).read_text()
         command = "web" if "web" in unit else "worker"
         assert f"ExecStart={install.code}/.venv/bin/python -P -m bridge {command}\n" in text
-        assert f"Environment=ENV_FILE={install.env_file}\n" in text
+        assert f"LoadCredential=bridge.env:{install.env_file}\n" in text
+        assert f"Environment=ENV_FILE=/run/credentials/{unit}/bridge.env\n" in text
         assert "WorkingDirectory=/\n" in text
         assert f"ReadWritePaths={install.data}\n" in text
         # Every path in the unit was moved under the prefix.
@@ -287,9 +288,12 @@ def test_each_unit_runs_its_command_as_the_service_user_with_the_installed_confi
     # Safe path mode, started in a folder the service user cannot write: nothing in the data folder is imported.
     assert service["ExecStart"] == [f"/opt/g2a-bridge/.venv/bin/python -P -m bridge {command}"]
     assert service["WorkingDirectory"] == ["/"]
-    # bridge.env is read by the bridge (python-dotenv), never by systemd, and is the only source of settings.
+    # bridge.env is read by the bridge (python-dotenv), never by systemd, and is the only source of settings. It
+    # stays 0600 root: systemd copies it into the service's credentials folder, where ENV_FILE points.
     assert "EnvironmentFile" not in service
-    assert "ENV_FILE=/etc/g2a-bridge/bridge.env" in service["Environment"]
+    assert service["LoadCredential"] == ["bridge.env:/etc/g2a-bridge/bridge.env"]
+    assert f"ENV_FILE=/run/credentials/{unit}/bridge.env" in service["Environment"]
+    assert "MALLOC_ARENA_MAX=2" in service["Environment"]  # bench/soak.py, docs/decisions.md
     assert not [value for value in service["Environment"] if value.split("=")[0] in NAME_RE.findall(
         (REPO / "bridge.env.example").read_text())]
     assert service["User"] == service["Group"] == ["g2a-bridge"]
@@ -406,14 +410,41 @@ def test_the_env_example_parses_the_same_for_systemd_and_python_dotenv():
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def unit_process(unit_file):
-    """(argv, cwd, environment) of a unit's ExecStart as systemd starts it: Environment= lines, then
-    EnvironmentFile= files read systemd's way, and no other variable but PATH."""
-    service = {key: values for (section, key), values in unit_settings(unit_file.name, unit_file.parent).items()
-               if section == "Service"}
-    env = {"PATH": SYSTEMD_PATH}
-    for line in service.get("Environment", []):
+def service_settings(unit_file):
+    return {key: values for (section, key), values in unit_settings(unit_file.name, unit_file.parent).items()
+            if section == "Service"}
+
+
+def unit_environment(unit_file):
+    """The variables of a unit's Environment= lines."""
+    env = {}
+    for line in service_settings(unit_file).get("Environment", []):
         env.update(item.partition("=")[::2] for item in shlex.split(line))
+    return env
+
+
+def load_credentials(unit_file, credentials):
+    """What systemd does at each start for LoadCredential=NAME:FILE (systemd.exec(5), "Credentials"): it reads FILE
+    as root and puts a read-only copy NAME in /run/credentials/UNIT/ (here `credentials`/UNIT, a folder of its own),
+    which only the service's user may read, and sets CREDENTIALS_DIRECTORY. Returns (folder, path it stands for)."""
+    folder = credentials / unit_file.name
+    folder.mkdir(parents=True)
+    for entry in service_settings(unit_file).get("LoadCredential", []):
+        name, _, source = entry.partition(":")
+        shutil.copyfile(source, folder / name)
+        (folder / name).chmod(0o400)
+    folder.chmod(0o500)
+    return folder, f"/run/credentials/{unit_file.name}"
+
+
+def unit_process(unit_file, credentials):
+    """(argv, cwd, environment) of a unit's ExecStart as systemd starts it: its credentials loaded (into
+    `credentials`), Environment= lines (paths in /run/credentials/UNIT pointing at that copy), then EnvironmentFile=
+    files read systemd's way, and no other variable but PATH."""
+    service = service_settings(unit_file)
+    folder, run_path = load_credentials(unit_file, credentials)
+    env = {"PATH": SYSTEMD_PATH, "CREDENTIALS_DIRECTORY": str(folder)}
+    env.update({name: value.replace(run_path, str(folder)) for name, value in unit_environment(unit_file).items()})
     for path in service.get("EnvironmentFile", []):
         env.update(systemd_env_file(path.lstrip("-")))
     (command,) = service["ExecStart"]
@@ -482,8 +513,11 @@ def health(url):
 def test_the_installed_units_run_with_the_config_the_cli_reads_inline_comments_included(install, live_config,
                                                                                            tmp_path):
     web_log, worker_log = tmp_path / "web.log", tmp_path / "worker.log"
-    web = start_process(*unit_process(install.unit_dir / "g2a-bridge-web.service"), web_log)
-    worker = start_process(*unit_process(install.unit_dir / "g2a-bridge-worker.service"), worker_log)
+    processes = [unit_process(install.unit_dir / unit, tmp_path / "credentials") for unit in UNITS]
+    # They read systemd's copy of the 0600 file, never the file itself.
+    assert all(str(install.env_file) not in " ".join(env.values()) for _, _, env in processes)
+    web = start_process(*processes[0], web_log)
+    worker = start_process(*processes[1], worker_log)
     try:
         wait_until(lambda: health(live_config), "the web unit serving /health", web, web_log)
         postback = {"type": "STOCK", "authHash": expected_hash(CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE),
@@ -503,11 +537,16 @@ def foreground_commands(output):
 def test_the_install_prints_the_two_foreground_commands_and_they_run_as_the_units_do(install, live_config,
                                                                                       tmp_path):
     commands = foreground_commands(install.runs["first"].stdout)
-    assert [command.rsplit(" ", 1)[1] for command in commands] == ["web", "worker"]
+    assert len(commands) == 2
     for command, unit in zip(commands, UNITS):
-        argv, cwd, env = unit_process(install.unit_dir / unit)
-        assert command.startswith(f"cd {cwd} && umask 077 && ") and command.endswith(shlex.join(argv))
-        assert all(f" {name}={value} " in command for name, value in env.items() if name != "PATH")
+        service = service_settings(install.unit_dir / unit)
+        # The file systemd would copy for the unit comes on standard input, opened by root's shell (the service
+        # user cannot open it), and ENV_FILE=- reads it there.
+        assert command.startswith(f"cd {service['WorkingDirectory'][0]} && umask 077 && ")
+        assert command.endswith(f"{service['ExecStart'][0]} <{install.env_file}")
+        env = unit_environment(install.unit_dir / unit)
+        assert env.pop("ENV_FILE").startswith("/run/credentials/") and " env ENV_FILE=- " in command
+        assert all(f" {name}={value} " in command for name, value in env.items())
     log = tmp_path / "web.log"
     web = start_process(commands[0], "/", {"PATH": SYSTEMD_PATH}, log, shell=True)
     try:
@@ -599,6 +638,20 @@ def test_the_system_python_is_chosen_over_a_python3_first_on_root_path(tmp_path)
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
+
+
+def test_every_run_makes_bridge_env_0600_owned_by_root_and_the_service_group_again(tmp_path):
+    env_file = tmp_path / "bridge.env"
+    env_file.write_text("OUR_API_CLIENT_ID=x\n")
+    env_file.chmod(0o640)  # as installs before LoadCredential= left it
+    tools = tmp_path / "bin"  # a chown that notes its arguments: the g2a-bridge group need not exist here
+    tools.mkdir()
+    (tools / "chown").write_text(f"#!/bin/sh\necho \"$*\" >{tmp_path / 'chown.args'}\n")
+    (tools / "chown").chmod(0o755)
+    result = source_install(f"MANAGE_USER=1 ENV_FILE={env_file}", "own_env_file", path=f"{tools}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    assert mode(env_file) == 0o600
+    assert (tmp_path / "chown.args").read_text() == f"root:g2a-bridge {env_file}\n"
 
 
 @needs_root

@@ -11,7 +11,7 @@ import pytest
 
 from bridge import db, migrations, stuck
 from bridge.config import Settings
-from conftest import SKYLINES, SWITCH
+from conftest import SKYLINES, SWITCH, sqlite_steps
 from test_cli import run_cli
 from test_orders_e2e import eventually, inventory, keys_in
 
@@ -345,6 +345,24 @@ def test_an_order_that_waited_past_the_reservation_expiry_for_the_database_is_41
     posting.join()
     assert answers[0].status_code == 410, answers[0].text
     assert sim.cws.orders == []
+
+
+def test_finding_stuck_money_reads_the_candidate_orders_not_every_order_item(database):
+    settings = Settings(cws_resend_grace=150.0, cws_poll_max=420.0)
+    held = make_order("failed-pool", db.FAILED, 0)
+    db.OrderItem.create(id="i-held", order=held, position=0, g2a_product_id=1, cws_product_id="c", source="pool")
+
+    def delivered(count, start):  # completed orders, half of them with a key from the pool
+        for n in range(start, start + count):
+            make_order(f"done-{n}", db.COMPLETED, 60)
+        db.OrderItem.insert_many([{"id": f"i-{n}", "order": f"done-{n}", "position": 0, "g2a_product_id": 1,
+                                   "cws_product_id": "c", "source": "pool" if n % 2 else "cws"}
+                                  for n in range(start, start + count)]).execute()
+    delivered(200, 0)
+    steps = sqlite_steps(lambda: stuck.find(settings, db.utcnow()))
+    delivered(2000, 200)  # ten times the history
+    assert sqlite_steps(lambda: stuck.find(settings, db.utcnow())) <= steps * 1.5 + 2
+    assert [o.id for o in stuck.find(settings, db.utcnow())["failed_holding_pooled_keys"]] == ["failed-pool"]
 
 
 # --- no CWS price band for one key: nothing to sell ------------------------------------------------

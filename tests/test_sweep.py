@@ -14,6 +14,7 @@ from bridge.lane import InFlight, hot_products, near_a_bound
 from bridge.postbacks import handle
 from bridge.pacing import Allowance, Pacer
 from bridge.sweep import LISTING_KEY, PROGRESS_KEY, reading_plan
+from conftest import sqlite_steps
 from test_sync import world  # noqa: F401  (the simulator world of the sync tests, a fixture)
 from fakes import FakeClock
 
@@ -222,6 +223,33 @@ def test_hot_products_are_reserved_sold_low_on_stock_or_priced_near_a_bound(worl
     db.OrderItem.create(id="i1", order=order, position=0, g2a_product_id=sold[0], cws_product_id=sold[1])
     assert hot_products(now) == {reserved[1], low[1], bounded[1], sold[1]}
     assert hot_products(now + timedelta(minutes=11)) == {low[1], bounded[1]}
+
+
+def history(product, count, start, when):
+    """`count` reservations made at `when`, one line each, all ordered (one key each) at `when` too."""
+    g2a_id, cws_id = product
+    ids = [f"h{start + n}" for n in range(count)]
+    db.Reservation.insert_many([{"id": rid, "expires_at": when, "created_at": when} for rid in ids]).execute()
+    db.ReservationLine.insert_many([{"reservation": rid, "product": g2a_id, "cws_product_id": cws_id, "quantity": 1,
+                                     "expires_at": when, "active": False} for rid in ids]).execute()
+    db.Order.insert_many([{"id": f"o{rid}", "reservation": rid, "g2a_order_id": start + n, "state": db.COMPLETED,
+                           "cws_client_order_id": f"c{rid}", "created_at": when}
+                          for n, rid in enumerate(ids)]).execute()
+    db.OrderItem.insert_many([{"id": f"i{rid}", "order": f"o{rid}", "position": 0, "g2a_product_id": g2a_id,
+                               "cws_product_id": cws_id} for rid in ids]).execute()
+
+
+def test_finding_hot_products_reads_the_last_ten_minutes_not_the_whole_history(world):
+    (old, recent), now = products(world, 2), db.utcnow()
+    history(old, 300, 0, now - timedelta(hours=2))
+    history(recent, 5, 10_000, now - timedelta(minutes=1))
+    assert recent[1] in hot_products(now) and old[1] not in hot_products(now)
+    steps = sqlite_steps(lambda: hot_products(now))
+    later = now + timedelta(hours=2)  # ten times the history by then, made in time order as the web makes it
+    history(old, 3000, 20_000, later - timedelta(hours=1))
+    history(recent, 5, 30_000, later - timedelta(minutes=1))
+    assert recent[1] in hot_products(later) and old[1] not in hot_products(later)
+    assert sqlite_steps(lambda: hot_products(later)) <= steps * 1.5 + 2
 
 
 @pytest.mark.parametrize("price, bounds, near", [

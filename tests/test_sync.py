@@ -1,5 +1,6 @@
 """Offer sync: the pure plan (ordering, budget, pause), the shared stock formula, and whole passes against the simulator."""
 import json
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal as D
@@ -314,6 +315,20 @@ def test_deactivations_and_rises_are_sent_before_stock_changes_and_cuts(world):
     offer_ids = [p["offer_id"] for p in world.sim.g2a.patches]
     order = [world.sim.g2a.offer_for_product(g2a_id)["id"] for g2a_id, _ in (rise, gone, restock, cut)]
     assert set(offer_ids[:2]) == set(order[:2]) and offer_ids[2:] == order[2:]
+
+
+def test_passes_of_a_kind_reuse_their_writer_threads_instead_of_starting_new_ones(world):
+    products = [world.product(5, offer=("9.99", 0)) for _ in range(3)]
+    world.map()
+
+    def writers():
+        return {thread.ident for thread in threading.enumerate() if thread.name.startswith("g2a-write-full")}
+    assert world.engine.full_pass().writes == 3
+    first = writers()
+    for _, cws_id in products:
+        world.sim.cws.set_quantity(cws_id, 7)
+    assert world.engine.full_pass().writes == 3
+    assert first and writers() == first
 
 
 def test_a_failed_job_marks_the_product_failed_and_the_next_pass_retries_it(world):

@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from conftest import sqlite_steps
 from polling import wait_for
 
 from bridge import db, migrations
@@ -14,7 +15,7 @@ from bridge.g2a import G2aClient
 from bridge.lease import Lease
 from bridge.metrics import Metrics
 from bridge.sync import PassReport
-from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker, checked
+from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker, checked, cleanup
 
 T0 = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 BACKENDS = ("sqlite", "postgresql")  # the real-process tests run on both (conftest.py)
@@ -327,3 +328,28 @@ def test_a_second_worker_process_waits_and_takes_over_when_the_first_stops(start
     assert stop_time(first) < 10
     wait_for_log(second, "worker.active", timeout=10)
     wait_for_log(second, "sync.full_pass", timeout=10)
+
+
+def reservation_lines(count, start, expires_at, active):
+    ids = [f"r{start + n}" for n in range(count)]
+    db.Reservation.insert_many([{"id": rid, "expires_at": expires_at} for rid in ids]).execute()
+    db.ReservationLine.insert_many([{"reservation": rid, "product": 1, "cws_product_id": "c1", "quantity": 1,
+                                     "expires_at": expires_at, "active": active} for rid in ids]).execute()
+
+
+def test_cleanup_retires_expired_reservation_lines_at_a_cost_that_does_not_grow_with_history(database):
+    now = db.utcnow()
+    db.CwsProduct.create(id="c1")
+    db.Product.create(g2a_id=1, cws_product="c1")
+
+    def active():
+        return db.ReservationLine.select().where(db.ReservationLine.active == True).count()  # noqa: E712
+    reservation_lines(300, 0, now - timedelta(hours=1), active=False)  # history
+    reservation_lines(2, 1000, now + timedelta(minutes=10), active=True)  # live
+    reservation_lines(3, 2000, now - timedelta(minutes=1), active=True)  # just expired
+    steps = sqlite_steps(lambda: cleanup(now))
+    assert active() == 2
+    reservation_lines(3000, 3000, now - timedelta(hours=1), active=False)  # ten times the history
+    reservation_lines(3, 9000, now - timedelta(minutes=1), active=True)
+    assert sqlite_steps(lambda: cleanup(now)) <= steps * 1.5 + 2
+    assert active() == 2
