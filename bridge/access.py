@@ -67,10 +67,8 @@ class AccessLog:
 
     @staticmethod
     def _too_large(start):
-        body = json.dumps(error_body("BR01", f"request body larger than {MAX_BODY_BYTES} bytes")).encode()
-        start("413 Request Entity Too Large", [("Content-Type", "application/json"),
-                                                ("Content-Length", str(len(body)))])
-        return [body]
+        return _json(start, "413 Request Entity Too Large",
+                     error_body("BR01", f"request body larger than {MAX_BODY_BYTES} bytes"))
 
     @staticmethod
     def _log(environ, status_seen, started):
@@ -91,8 +89,13 @@ class AccessLog:
 def _fast(answer, environ, start):
     """A fast route's JSON answer, with the headers Bottle would send."""
     status, payload = answer(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"])))
+    return _json(start, STATUS_LINES[status], payload)
+
+
+def _json(start, status_line, payload):
+    """`payload` as a JSON body, with the headers Bottle would send for it."""
     body = json.dumps(payload).encode()
-    start(STATUS_LINES[status], [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    start(status_line, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 
 
