@@ -117,10 +117,11 @@ class Metrics:
 
     def publish(self):
         """Keep this process's samples in the database: the worker's for the web's /metrics and /health?deep=1,
-        both for `g2a-bridge status`."""
+        both for `g2a-bridge status`. The figures are taken before the write: a budget's lock is held across a
+        shared-window write (budget.py), so waiting for it while holding the writer lock would deadlock the two."""
+        snapshot = json.dumps([_dump(family) for family in self.families()])
         with db.write_transaction():
-            db.put_setting(status.SNAPSHOT_PREFIX + self.process,
-                           json.dumps([_dump(family) for family in self.families()]))
+            db.put_setting(status.SNAPSHOT_PREFIX + self.process, snapshot)
 
     def exposition(self, settings, now):
         """The text of GET /metrics: the database figures, this process's metrics and the worker's last snapshot."""

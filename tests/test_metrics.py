@@ -1,13 +1,17 @@
 """GET /metrics from the real web and worker processes against the simulator; request ids across both processes."""
 import re
+import threading
+import time
 
 import pytest
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import db
+from bridge.budget import budgets_for
 from bridge.config import Settings
 from bridge.metrics import Metrics
+from bridge.sharedwindow import SharedWindow
 from conftest import DEMO, OUR_ID, OUR_SECRET, ROOT, SKYLINES, SWITCH
 
 SKYLINES_CWS = DEMO[1]["cws_product_id"]
@@ -149,3 +153,31 @@ def test_budget_use_and_429s_per_endpoint_class_are_shown_for_each_process(shop,
     assert value(samples, "g2a_bridge_upstream_budget_limit", **web, **{"class": "cws_list"}) == 0
     assert value(samples, "g2a_bridge_upstream_budget_used", **worker, **{"class": "g2a"}) >= 1
     assert value(samples, "g2a_bridge_upstream_throttled_total", **web, **{"class": "cws_product"}) == 0
+
+
+def test_publishing_while_the_sweep_takes_a_catalogue_slot_never_deadlocks(database, monkeypatch):
+    """Taking a slot of the shared catalogue window holds the budget's lock, then waits for the writer lock;
+    publishing reads every budget. If it held the writer lock while it read them, the two would wait on each
+    other for ever: a worker froze that way with its heartbeat, sweep and balance reads stuck (CI, round 3)."""
+    budgets = budgets_for(Settings(), "worker", alarm=lambda *args: None)
+    metrics = Metrics("worker")
+    metrics.watch_budgets(budgets)
+    in_take, go_on = threading.Event(), threading.Event()
+    real_take = SharedWindow.take
+
+    def take_when_told(window, cap, held):
+        in_take.set()
+        go_on.wait(5)
+        return real_take(window, cap, held)
+    monkeypatch.setattr(SharedWindow, "take", take_when_told)
+    sweep = threading.Thread(target=budgets["cws_list"].acquire, daemon=True)
+    sweep.start()
+    assert in_take.wait(5)
+    publisher = threading.Thread(target=metrics.publish, daemon=True)
+    publisher.start()
+    time.sleep(0.2)  # the publisher is now waiting for the catalogue budget the sweep holds
+    go_on.set()
+    sweep.join(5)
+    publisher.join(5)
+    assert not sweep.is_alive() and not publisher.is_alive()
+    assert db.get_setting("metrics.worker")
