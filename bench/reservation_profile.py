@@ -46,7 +46,7 @@ def seed(folder, settings, count):
     (folder / "products.json").write_text(json.dumps(
         {"products": [{"cws_product_id": cws, "g2a_product_id": g2a} for g2a, cws in ids.items()]}))
     MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee).poll()
-    db.CwsProduct.update(quantity=10**7, cost=Decimal("5.00"), fetched_at=db.utcnow()).execute()
+    db.CwsProduct.update(quantity=10**7, cost=Decimal("5.00"), fetched_at=db.utcnow(), checked_at=db.utcnow()).execute()
     return list(ids)
 
 

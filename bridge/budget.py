@@ -2,6 +2,8 @@
 UPSTREAM_BUDGET_SHARE x the limit, except the catalogue reads, whose window the worker and the CLI share through the
 database; after a 429 a class halves its own pace and wins it back slowly (AIMD), and a class answered 429 for
 minutes raises one alert. Why: docs/decisions.md, "Upstream budgets" and "one catalogue window in the database".
+Lock order: a budget's lock, then the database writer lock (a shared window writes while holding the first), so
+nothing may read a budget inside a write transaction.
 """
 import collections
 import logging
