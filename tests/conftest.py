@@ -73,18 +73,25 @@ def database(tmp_path):
 
 
 def sqlite_steps(call):
-    """SQLite virtual-machine steps (in thousands) `call()` costs on this thread's connection: what a query reads
-    grows with it, so a periodic query that must not grow with history is checked against it."""
+    """SQLite virtual-machine steps (in thousands) `call()` costs on this thread's connection and the process's
+    writing one: what a query reads grows with it, so a periodic query that must not grow with history is checked
+    against it."""
     steps = [0]
 
     def count():
         steps[0] += 1
-    connection = db.database.obj.connection()
-    connection.set_progress_handler(count, 1000)
+    database = db.database.obj
+    database.connection()
+    with db.write_transaction():  # opens the writing connection
+        pass
+    connections = database.connections()
+    for connection in connections:
+        connection.set_progress_handler(count, 1000)
     try:
         call()
     finally:
-        connection.set_progress_handler(None, 1000)
+        for connection in connections:
+            connection.set_progress_handler(None, 1000)
     return steps[0]
 
 

@@ -33,6 +33,8 @@ failures = []
 def writer(key):
     try:
         db.database.execute_sql("PRAGMA busy_timeout = 10")  # this thread's connection: SQLite alone gives up
+        with db.write_transaction():
+            db.database.execute_sql("PRAGMA busy_timeout = 10")  # and the writing connection
         for n in range(rounds):
             with db.write_transaction():
                 db.put_setting(key, int(db.get_setting(key, "0")) + 1)
@@ -104,3 +106,37 @@ def test_the_lock_is_reentrant_in_one_thread_and_excludes_other_threads(tmp_path
         assert not inside.wait(0.1)
     assert inside.wait(5)
     other.join()
+
+
+def test_threads_write_through_one_connection_and_read_through_their_own(database):
+    """A thread's own connection would start each write transaction with a cold page cache: every commit by another
+    thread drops it. So writes go through the process's one writing connection, reads stay on the thread's."""
+    seen = {}
+
+    def write_and_read(name):
+        with db.write_transaction():
+            db.put_setting(name, "1")
+            seen[name, "writing"] = db.database.obj.connection()
+        db.put_setting(f"{name}-autocommit", "1")  # an autocommit write takes the same connection
+        seen[name, "reading"] = db.database.obj.connection()
+        seen[name, "read"] = db.get_setting(name)
+    threads = [threading.Thread(target=write_and_read, args=(f"t{n}",)) for n in range(2)]
+    [thread.start() for thread in threads]
+    [thread.join(10) for thread in threads]
+    assert seen["t0", "writing"] is seen["t1", "writing"]
+    assert seen["t0", "reading"] is not seen["t1", "reading"]
+    assert seen["t0", "writing"] not in (seen["t0", "reading"], seen["t1", "reading"])
+    assert seen["t0", "read"] == seen["t1", "read"] == "1" and db.get_setting("t1-autocommit") == "1"
+
+
+def test_a_failed_write_transaction_rolls_back_and_leaves_the_writing_connection_usable(database):
+    try:
+        with db.write_transaction():
+            db.put_setting("doomed", "1")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    with db.write_transaction():
+        db.put_setting("kept", "1")
+    assert db.get_setting("doomed") is None and db.get_setting("kept") == "1"
+    assert not db.database.obj.in_transaction()
