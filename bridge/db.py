@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 from peewee import (BigIntegerField, BooleanField, CharField, DatabaseProxy, DateTimeField,
                     ForeignKeyField, IntegerField, Model, PostgresqlDatabase, SqliteDatabase,
-                    TextField)
+                    TextField, __exception_wrapper__)
 
 from .errors import ConfigError
 from .writelock import WriterLock
@@ -344,8 +344,9 @@ class _Sqlite(SqliteDatabase):
 
     def _writing(self):
         if self._writing_connection is None:
-            connection = self._connect()
-            self._initialize_connection(connection)
+            with __exception_wrapper__:  # sqlite3's errors as peewee's, as connect() raises them
+                connection = self._connect()
+                self._initialize_connection(connection)
             self._writing_connection = connection
         return self._writing_connection
 
