@@ -103,7 +103,7 @@ class SyncEngine:
         self.delta = delta.DeltaReads()
         self._lane_resume_at = self._quiet_until = 0.0
         self._failed_sweeps, self._sweep_resume_at = 0, None
-        self._pools = {}  # pass kind -> its writer threads, kept between passes
+        self._pools = {}  # "full" or "urgent" -> writer threads, kept between passes
 
     def full_pass(self, now=None, dry_run=False):
         """One sweep: every mapped product read from CWS at the budget's pace, each answer reconciled as it
@@ -285,12 +285,14 @@ class SyncEngine:
             wait(futures)  # a pass never ends with its writes still in flight
 
     def _pool(self, kind):
-        """The writer threads of one pass kind (passes of a kind never overlap; full, delta and lane passes may),
-        started once: the lane passes every 0.5 s, and threads started and ended per pass spread the worker's
-        memory over glibc's per-thread arenas, where freed memory piled up (docs/decisions.md)."""
-        if kind not in self._pools:
-            self._pools[kind] = ThreadPoolExecutor(self.writers, thread_name_prefix=f"g2a-write-{kind}")
-        return self._pools[kind]
+        """The writer threads of a pass kind, started once: the lane passes every 0.5 s, and threads started and
+        ended per pass spread the worker's memory over glibc's per-thread arenas, where freed memory piled up. The
+        lane and delta passes share one pool, as each writes a few urgent changes; a full pass, which may queue
+        hundreds, has its own, so it never holds them up (docs/decisions.md)."""
+        name = "full" if kind == "full" else "urgent"
+        if name not in self._pools:
+            self._pools[name] = ThreadPoolExecutor(self.writers, thread_name_prefix=f"g2a-write-{name}")
+        return self._pools[name]
 
     def _record(self, outcomes):
         store_outcomes(outcomes, self.clock())

@@ -331,6 +331,11 @@ def test_passes_of_a_kind_reuse_their_writer_threads_instead_of_starting_new_one
     assert first and writers() == first
 
 
+def test_lane_and_delta_passes_share_the_urgent_writers_and_a_full_pass_never_queues_ahead_of_them(world):
+    urgent = world.engine._pool("lane")
+    assert world.engine._pool("delta") is urgent and world.engine._pool("full") is not urgent
+
+
 def test_a_failed_job_marks_the_product_failed_and_the_next_pass_retries_it(world):
     g2a_id, _ = world.product(5, offer=("9.99", 0))
     world.map()
