@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -50,12 +51,17 @@ def entry(i):
 
 def seed(sim, size):
     sim.cws.page_size, sim.cws.balance = 1000, Decimal("100000000")
+    # Listed as last changed an hour ago, as a real catalogue is: seeded "now", every product was newer than the
+    # worker's first delta read, which took CWS for one that ignores updatedSince and left deltas off for the
+    # first 5 minutes, so the worker's workload changed (and its memory stepped up) in the middle of the run.
+    clock, sim.cws.now = sim.cws.now, lambda: clock() - timedelta(hours=1)
     for i in range(size):
         cws_id, g2a_id, cost, quantity, delayed = entry(i)
         sim.cws.add_product(cws_id, quantity, [(1, None, str(cost))], name=f"Soak game {i}")
         if delayed:
             sim.cws.set_fulfilment(cws_id, "delayed", polls=DELAYED_POLLS)
         sim.g2a.add_offer(g2a_id, decide_price(cost, PROFIT, FEE).price, quantity, active=True)
+    sim.cws.now = clock
 
     def change(cws_id, quantity, price):
         sim.cws.set_quantity(cws_id, quantity)
