@@ -256,7 +256,7 @@ def _worker_alive(heartbeat_age):
 
 def worker_families():
     """The worker's metric families as it last published them (none before its first heartbeat)."""
-    return [_load(item) for item in status.worker_snapshot()]
+    return [_load(item) for item in status.snapshot("worker")]
 
 
 def worker_token_ages():

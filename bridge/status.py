@@ -111,12 +111,8 @@ def _worker(now):
     return {"holder": row.holder, "heartbeat_age_seconds": round((now - row.heartbeat_at).total_seconds(), 1)}
 
 
-def worker_snapshot():
-    """The worker's metric families as it last published them, as stored (JSON-able dicts)."""
-    return snapshot("worker")
-
-
 def snapshot(process):
+    """The metric families `process` ("worker" or "web") last published, as stored (JSON-able dicts)."""
     stored = db.get_setting(SNAPSHOT_PREFIX + process)
     return [] if stored is None else json.loads(stored)
 
