@@ -313,7 +313,8 @@ class _Sqlite(SqliteDatabase):
 
     While it holds the lock, a thread writes through the process's one writing connection, not its own: a connection
     drops its whole page cache when anyone committed since its last read, so with eight threads each writing on its
-    own connection every transaction began cold (bench/reservation_bench.py: 752 -> 614 µs of CPU per reservation)."""
+    own connection every transaction began cold (bench/reservation_bench.py, 1 connection: 682 -> 588 µs of CPU per
+    reservation)."""
 
     def __init__(self, path, **kwargs):
         super().__init__(path, **kwargs)
