@@ -31,16 +31,16 @@ class StockRefresher:
         # whole budget would hold a web thread each: at 4x the threads in flight G2A waited 8 s (test_faults.py).
         self._failing = False
 
-    def ensure_fresh(self, checked_at, now):
-        """Re-fetch products not read alone within max_age, waiting at most `budget` seconds.
+    def stale(self, checked_at, now):
+        """The products to re-fetch, sorted: `checked_at` maps CWS product id -> when a read of that product alone
+        (this refresher or the worker's priority lane) last answered; a sweep page's read does not count, however
+        recent."""
+        return sorted(pid for pid, when in checked_at.items()
+                      if when is None or (now - when).total_seconds() > self.max_age)
 
-        `checked_at` maps CWS product id -> when a read of that product alone (this check or the worker's priority
-        lane) last answered; a sweep page's read does not count, however recent. True when anything was refreshed.
-        """
-        stale = sorted(pid for pid, when in checked_at.items()
-                       if when is None or (now - when).total_seconds() > self.max_age)
-        if not stale:
-            return False
+    def refresh(self, stale, now):
+        """Re-fetch the `stale` products, waiting at most `budget` seconds; what misses it is answered from the
+        cache (and still lands later)."""
         futures = {self._fetch_once(pid, now) for pid in stale}
         patience = 0.0 if self._failing else self.budget
         done, late = wait(futures, timeout=patience)
@@ -53,7 +53,6 @@ class StockRefresher:
             reason = str(failed[0]) if failed else (
                 f"CWS slower than {self.budget}s" if patience else "CWS failing: not waiting until it answers again")
             event(log, "stock.cache_fallback", level=logging.WARNING, products=",".join(stale), reason=reason)
-        return True
 
     def _fetch_once(self, product_id, now):
         future = self._inflight.get(product_id)

@@ -8,7 +8,7 @@ from . import db, pricing
 from .contract import Line, stock_entry
 from .errors import ContractError
 from .log import event
-from .stock import available_with_balance
+from .stock import AVAILABLE_SQL, BALANCE_KEY, available_params, parse_balance
 
 log = logging.getLogger(__name__)
 ACTIVE, RELEASED, ORDERED = "active", "released", "ordered"
@@ -23,12 +23,14 @@ class Reservations:
 
     def reserve(self, lines, now, request_id=None):
         """POST /reservation: a new reservation for `lines`, or ContractError (404 unknown, 400 short)."""
-        products = self._products_for(lines, now)
         reservation_id, expires = str(uuid.uuid4()), self._expiry(now)
-        with db.write_transaction():
-            stock = self._take(lines, products, now)
+
+        def hold(sellable):
+            stock = self._take(lines, sellable)
             _insert_reservation(reservation_id, now, expires, request_id)
-            _insert_lines(reservation_id, lines, products, expires)
+            _insert_lines(reservation_id, lines, sellable.products, expires)
+            return stock
+        stock = self._in_transaction(lines, now, hold)
         event(log, "reservation.created", reservation=reservation_id,
               products=",".join(str(line.product_id) for line in lines))
         self.observe("created")
@@ -39,9 +41,9 @@ class Reservations:
         reservation = self._get(reservation_id)
         if reservation.state != ACTIVE:
             raise ContractError(400, "BR02", f"reservation {reservation_id} is {reservation.state}")
-        lines = lines or self._old_lines(reservation_id)
-        products, expires = self._products_for(lines, now), self._expiry(now)
-        with db.write_transaction():
+        lines, expires = lines or self._old_lines(reservation_id), self._expiry(now)
+
+        def hold_again(sellable):
             # Checked again under the write lock: a POST /order that won since the read above would otherwise be
             # left with fresh active lines beside its order, holding stock nobody can buy (test_concurrency.py).
             if not db.Reservation.update(expires_at=expires).where(
@@ -50,8 +52,10 @@ class Reservations:
             # Replaced, not deactivated: an empty-body renewal re-reads "the lines" and must find only today's,
             # or each empty PUT added every line the reservation ever had (issue 12, item 1).
             db.ReservationLine.delete().where(db.ReservationLine.reservation == reservation_id).execute()
-            stock = self._take(lines, products, now)
-            _insert_lines(reservation_id, lines, products, expires)
+            stock = self._take(lines, _read_sellable(list(sellable.products), now))  # without the lines let go
+            _insert_lines(reservation_id, lines, sellable.products, expires)
+            return stock
+        stock = self._in_transaction(lines, now, hold_again)
         event(log, "reservation.renewed", reservation=reservation_id)
         return {"reservation_id": reservation_id, "stock": stock}
 
@@ -72,21 +76,34 @@ class Reservations:
             raise ContractError(404, "BR02", f"reservation {reservation_id} not found")
         return reservation
 
-    def _products_for(self, lines, now):
-        """The mapped products for `lines` (404 for any we don't sell), with their CWS state freshened."""
+    def _in_transaction(self, lines, now, write):
+        """`write(sellable)`'s answer, in one write transaction that first reads the lines' products with their
+        stock and the CWS balance (one statement, through the process's writing connection, whose page cache
+        other threads' commits don't drop). Refused there: products we don't sell (404), a paused store, prices
+        below cost. Products whose CWS state was not read alone lately are re-read from CWS first, outside any
+        transaction (never while holding the writer lock), and the transaction starts again on what that stored."""
         ids = [line.product_id for line in lines]
-        products = _sellable(ids)
-        unknown = [str(pid) for pid in ids if pid not in products]
+        refreshed = False
+        while True:
+            with db.write_transaction():
+                sellable = _read_sellable(ids, now)
+                self._check_sellable(lines, ids, sellable)
+                stale = [] if refreshed else self.refresher.stale(
+                    {p.cws_product_id: p.checked_at for p in sellable.products.values()}, now)
+                if not stale:
+                    for line in lines:
+                        self._check_price(line, sellable.products[line.product_id])
+                    return write(sellable)
+            self.refresher.refresh(stale, now)
+            refreshed = True
+
+    def _check_sellable(self, lines, ids, sellable):
+        unknown = [str(pid) for pid in ids if pid not in sellable.products]
         if unknown:
             self.observe("unknown_product")
             raise ContractError(404, "BR02", f"product {', '.join(unknown)} is not sold here")
         if self.pause.is_paused():
-            raise self._short(lines, {}, products, "paused", "the seller has paused sales")
-        if self.refresher.ensure_fresh({p.cws_product_id: p.checked_at for p in products.values()}, now):
-            products = _sellable(ids)
-        for line in lines:
-            self._check_price(line, products[line.product_id])
-        return products
+            raise self._short(lines, {}, sellable.products, "paused", "the seller has paused sales")
 
     def _check_price(self, line, product):
         """Refuse a sale below what the key costs us plus G2A's fee: that would lose money."""
@@ -101,12 +118,10 @@ class Reservations:
             raise ContractError(400, "BR02", f"product {line.product_id}: unit price {line.unit_price} "
                                              f"is below our cost")
 
-    def _take(self, lines, products, now):
+    def _take(self, lines, sellable):
         """Inside the write transaction: check every line fits, or raise with what is available."""
-        cws_ids = sorted({products[line.product_id].cws_product_id for line in lines})
-        db.lock_rows(db.CwsProduct, cws_ids)
-        available, balance = available_with_balance(cws_ids, now)
-        available = _payable(available, products, balance)
+        products, balance = sellable.products, sellable.balance
+        available = _payable(sellable.available, products, balance)
         demand = defaultdict(int)
         for line in lines:
             demand[products[line.product_id].cws_product_id] += line.quantity
@@ -150,10 +165,13 @@ class Reservations:
 
 MONEY = db.MoneyField()  # its conversions, without building a field per call
 SellableProduct = namedtuple("SellableProduct", "g2a_id cws_product_id enabled max_stock fee cost checked_at offer_price")
+# What a reservation reads: {g2a id: SellableProduct}, {cws id: available before the floor}, the known balance.
+Sellable = namedtuple("Sellable", "products available balance")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
-SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.checked_at, p.offer_price "
-                "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({})")
+SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.checked_at, p.offer_price, "
+                + AVAILABLE_SQL + ', (SELECT value FROM setting WHERE "key" = {p}) '
+                "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({ids})")
 INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expires_at, request_id) "
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
 INSERT_LINE_SQL = ("INSERT INTO reservation_line (reservation_id, g2a_product_id, cws_product_id, quantity, "
@@ -174,14 +192,24 @@ def _insert_reservation(reservation_id, now, expires_at, request_id):
                                 (reservation_id, ACTIVE, moment(now), moment(expires_at), request_id))
 
 
-def _sellable(g2a_ids):
-    """{g2a id: SellableProduct} for mapped products, with the CWS facts a reservation needs, in one query."""
-    database = db.database.obj
-    sql = SELLABLE_SQL.format(", ".join([database.param] * len(g2a_ids)))
-    rows = database.execute_sql(sql, list(g2a_ids)).fetchall()
+def _read_sellable(g2a_ids, now):
+    """The Sellable of the mapped ones among `g2a_ids`, in one statement; inside a write transaction. On
+    PostgreSQL the CWS rows are locked (in id order) and their stock read again under the locks."""
+    rows = _sellable_rows(g2a_ids, now)
+    if rows and not db.is_sqlite():
+        db.lock_rows(db.CwsProduct, sorted({row[1] for row in rows}))
+        rows = _sellable_rows(g2a_ids, now)
     money, moment = MONEY.python_value, db.CwsProduct.checked_at.python_value
-    return {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
-                                    moment(row[6]), money(row[7])) for row in rows}
+    products = {row[0]: SellableProduct(row[0], row[1], bool(row[2]), row[3], money(row[4]), money(row[5]),
+                                        moment(row[6]), money(row[7])) for row in rows}
+    available = {row[1]: max(0, int(row[8])) for row in rows}
+    return Sellable(products, available, parse_balance(rows[0][9]) if rows else None)
+
+
+def _sellable_rows(g2a_ids, now):
+    database = db.database.obj
+    sql = SELLABLE_SQL.format(p=database.param, ids=", ".join([database.param] * len(g2a_ids)))
+    return database.execute_sql(sql, available_params(now) + [BALANCE_KEY, *g2a_ids]).fetchall()
 
 
 def _costs(products):

@@ -14,43 +14,34 @@ BALANCE_KEY = "cws.balance"  # the CWS spending power at its last reading (0 aft
 
 CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole table instead
 SMALL = 2000
-FEW = 20  # up to this many ids (a reservation's lines) one hand-written statement answers, the balance with them
-# Hand-written: reservations ask for one or two products per request, and peewee spent longer building
-# four queries than SQLite spent running them (bench/reservation_bench.py). Each sum must stay bounded by
-# what is live, never by history: `l.active = TRUE` lets the covering index skip inactive lines, and the
-# claimed items are found from the few claimed orders (CROSS JOIN fixes SQLite's loop order), not from every
-# item ever sold of the product (20,000 past orders of a product made this 12 ms instead of 0.1 ms).
-FEW_SQL = """SELECT c.id, CASE WHEN c.listed THEN c.quantity ELSE 0 END
+FEW = 20  # up to this many ids one hand-written statement answers
+# The formula for CWS product `c` in SQL, before the floor at 0; its parameters are available_params(now).
+# Hand-written: a reservation (with its products, reservations.py) or an order asks for one or two products, and
+# peewee spent longer building four queries than SQLite spent running them (bench/reservation_bench.py). Each sum
+# must stay bounded by what is live, never by history: `l.active = TRUE` lets the covering index skip inactive
+# lines, and the claimed items are found from the few claimed orders (CROSS JOIN fixes SQLite's loop order), not
+# from every item ever sold of the product (20,000 past orders of a product made this 12 ms instead of 0.1 ms).
+AVAILABLE_SQL = """CASE WHEN c.listed THEN c.quantity ELSE 0 END
   + (SELECT COUNT(*) FROM pooled_key k WHERE k.cws_product_id = c.id AND k.taken_by_id IS NULL)
   - (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l
      WHERE l.cws_product_id = c.id AND l.active = TRUE AND l.expires_at > {p})
   - (SELECT COUNT(*) FROM "order" o CROSS JOIN order_item i
      WHERE o.state = {p} AND i.order_id = o.id AND i.cws_product_id = c.id AND i.source = {p}
-       AND i.state = {p}),
-  (SELECT value FROM setting WHERE "key" = {p})
-FROM cws_product c WHERE c.id IN ({ids})"""
+       AND i.state = {p})"""
+FEW_SQL = "SELECT c.id, " + AVAILABLE_SQL + " FROM cws_product c WHERE c.id IN ({ids})"
 
 
 def known_balance():
     """The CWS balance as last read (None when never read): keys it cannot pay for are not offered."""
-    return _balance(db.get_setting(BALANCE_KEY))
+    return parse_balance(db.get_setting(BALANCE_KEY))
 
 
-def _balance(value):
+def parse_balance(value):
+    """The stored balance setting as a Decimal; None when never read (or unreadable)."""
     try:
         return None if value is None else Decimal(value)
     except InvalidOperation:
         return None
-
-
-def available_with_balance(cws_product_ids, now):
-    """(available_stock(ids, now), known_balance()): a reservation's few products and the balance in one
-    statement, the fewer round trips inside its write transaction."""
-    ids = list(dict.fromkeys(cws_product_ids))
-    if len(ids) > FEW:
-        return available_stock(ids, now), known_balance()
-    rows = _few_rows(ids, now)
-    return _found(ids, rows), _balance(rows[0][2] if rows else db.get_setting(BALANCE_KEY))
 
 
 def available_stock(cws_product_ids, now):
@@ -68,20 +59,15 @@ def available_stock(cws_product_ids, now):
             for cws_id, quantity in base.items()}
 
 
+def available_params(now):
+    """The parameters of AVAILABLE_SQL, in order."""
+    return [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", "pending"]
+
+
 def _few(ids, now):
-    return _found(ids, _few_rows(ids, now))
-
-
-def _few_rows(ids, now):
-    """(cws id, available before the floor at 0, the stored balance) of each known id."""
     database = db.database.obj
     sql = FEW_SQL.format(p=database.param, ids=", ".join([database.param] * len(ids)))
-    params = [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", "pending", BALANCE_KEY, *ids]
-    return database.execute_sql(sql, params).fetchall()
-
-
-def _found(ids, rows):
-    found = {cws_id: max(0, int(total)) for cws_id, total, _ in rows}
+    found = {cws_id: max(0, int(total)) for cws_id, total in database.execute_sql(sql, available_params(now) + ids)}
     return {cws_id: found.get(cws_id, 0) for cws_id in ids}
 
 

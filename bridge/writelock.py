@@ -6,6 +6,7 @@ Both wake the next waiter the moment the holder lets go, where SQLite's own busy
 import fcntl
 import os
 import threading
+import weakref
 
 
 class WriterLock:
@@ -14,14 +15,14 @@ class WriterLock:
     def __init__(self, path=None):
         self.path = path
         self._mutex = threading.RLock()
-        self._depth = 0  # only the thread holding the mutex reads or writes these two
-        self._fd = None
+        self._depth = 0  # only the thread holding the mutex reads or writes these
+        self._fd, self._pid = None, None
 
     def __enter__(self):
         self._mutex.acquire()
         try:
             if self._depth == 0 and self.path is not None:
-                self._fd = self._locked_file()
+                fcntl.flock(self._file(), fcntl.LOCK_EX)
         except BaseException:
             self._mutex.release()
             raise
@@ -31,21 +32,18 @@ class WriterLock:
     def __exit__(self, *exc):
         self._depth -= 1
         try:
-            if self._depth == 0 and self._fd is not None:
-                fd, self._fd = self._fd, None
-                os.close(fd)  # closing the file releases its flock
+            if self._depth == 0 and self.path is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._mutex.release()
 
-    def _locked_file(self):
-        # Opened per hold (a few microseconds beside a commit): nothing stays open, and a forked child never
-        # shares its parent's open file, which would share the lock instead of waiting for it. Read-only is
-        # enough for flock. Private (0600) like the database beside it; a lock file a root CLI run created is
-        # handed back to the service user with the data folder by the installed wrapper.
-        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+    def _file(self):
+        # Opened once per process and kept (two system calls fewer per write than opening it per hold), and closed
+        # when this lock is dropped. A forked child opens its own: flock belongs to the open file, so one inherited
+        # from the parent would share the parent's lock instead of waiting for it. Read-only is enough for flock.
+        # Private (0600) like the database beside it; a lock file a root CLI run created is handed back to the
+        # service user with the data folder by the installed wrapper.
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600), os.getpid()
+            weakref.finalize(self, os.close, self._fd)
+        return self._fd

@@ -1,5 +1,7 @@
 """SQLite writers in different processes queue on the writer lock: the next one starts the moment the holder
 commits, and a short busy_timeout is never reached (no "database is locked")."""
+import fcntl
+import os
 import subprocess
 import sys
 import threading
@@ -140,3 +142,24 @@ def test_a_failed_write_transaction_rolls_back_and_leaves_the_writing_connection
         db.put_setting("kept", "1")
     assert db.get_setting("doomed") is None and db.get_setting("kept") == "1"
     assert not db.database.obj.in_transaction()
+
+
+def test_a_forked_child_waits_for_its_parents_lock_instead_of_sharing_it(tmp_path):
+    lock = WriterLock(str(tmp_path / "x.lock"))
+    with lock:  # the lock file is open in this process now, and held
+        child = os.fork()
+        if child == 0:  # flock on the inherited open file would succeed: the child must open its own and wait
+            os._exit(1 if _try_lock(lock) else 0)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _try_lock(lock):
+    """Whether `lock`'s file lock can be taken right now (without waiting)."""
+    fd = lock._file()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
