@@ -30,11 +30,16 @@ from .metrics import Metrics
 from .products import MappingWatcher
 from .reservations import expire_reservations
 from .sync import SyncEngine
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 TICK = 0.5  # the loop's longest wait; the fastest jobs run every 0.5 s
 STOP_GRACE = 8.0  # seconds running jobs get to finish after SIGTERM (the promise is "gone within 10 s")
 HEARTBEAT = 5.0
+# Seconds without a finished heartbeat after which the worker stops telling systemd's watchdog it is alive. The
+# heartbeat takes the database's writer lock like every job that writes, so a frozen heartbeat is a frozen worker
+# (the round-4 deadlock froze them all); the unit's WatchdogSec then has systemd restart it.
+STALLED_AFTER = 60.0
 CLOCK_JUMP = 5.0  # seconds of wall-clock step (NTP, DST) after which the schedule is rebuilt
 SYNC_FAILURES_ALERT = 3
 
@@ -56,6 +61,7 @@ class Lane:
         self.job, self._runner = job, runner
         self.idle = threading.Event()
         self.idle.set()
+        self.finished = time.monotonic()  # when the last run ended (or the lane started)
         self._kicked = threading.Event()
         self._closed = False
         threading.Thread(target=self._loop, name=f"job-{job.name}", daemon=True).start()
@@ -77,6 +83,7 @@ class Lane:
             try:
                 self._runner(self.job)
             finally:
+                self.finished = time.monotonic()
                 self.idle.set()
 
 
@@ -84,8 +91,9 @@ class Worker:
     """Runs `jobs` until stopped; the heartbeat (lease renewal, and publishing `metrics` if given) and the pause
     watch are added here."""
 
-    def __init__(self, jobs, lease, pause_switch, clock=db.utcnow, metrics=None):
+    def __init__(self, jobs, lease, pause_switch, clock=db.utcnow, metrics=None, watchdog=None):
         self.lease, self.pause, self.clock, self.metrics = lease, pause_switch, clock, metrics
+        self.watchdog, self._stalled = watchdog, False
         own = [Job("heartbeat", HEARTBEAT, self.heartbeat, exclusive=False),
                Job("pause.watch", 1.0, self.watch_pause, exclusive=False)]
         self.jobs = {job.name: job for job in own + list(jobs)}
@@ -105,6 +113,7 @@ class Worker:
         while not stop.is_set():
             self.scheduler.run_pending()
             last = self._check_clock(last)
+            self._tell_watchdog()
             stop.wait(min(max(self.scheduler.idle_seconds or 0, 0.05), TICK))
         return self.shutdown()
 
@@ -131,6 +140,20 @@ class Worker:
 
     def kick(self, name):
         self._lanes[name].kick()
+
+    def _tell_watchdog(self):
+        """Alive while the heartbeat keeps finishing; once it has not for STALLED_AFTER seconds, one ERROR line
+        and silence, so systemd restarts the worker."""
+        if self.watchdog is None:
+            return
+        since = time.monotonic() - self._lanes["heartbeat"].finished
+        if since < STALLED_AFTER:
+            self._stalled = False
+            self.watchdog.ping()
+        elif not self._stalled:
+            self._stalled = True
+            event(log, "worker.stalled", level=logging.ERROR, seconds=round(since),
+                  remedy="the heartbeat is stuck; systemd's watchdog restarts the worker (WatchdogSec in its unit)")
 
     def shutdown(self):
         """Let running jobs finish (up to STOP_GRACE), give the lease back, and return 0."""
@@ -323,7 +346,7 @@ def main(settings):
     watcher = MappingWatcher(settings.products_file, settings.default_fixed_profit, settings.default_fee)
     watcher.poll()  # the mapping is in the database before the first sync pass reads it
     jobs = build_jobs(settings, cws, g2a, switch, watcher, metrics)
-    code = Worker(jobs, Lease(), switch, metrics=metrics).run(stop)
+    code = Worker(jobs, Lease(), switch, metrics=metrics, watchdog=Watchdog()).run(stop)
     logging.shutdown()
     # Threads past the grace (an HTTP call in a sync writer pool) would hold the interpreter's exit beyond
     # the 10 s promise; everything worth keeping is committed, so leave without joining them.
