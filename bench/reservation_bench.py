@@ -3,15 +3,19 @@ connection counts; with the server process's CPU and context switches per reques
 whether a gap is per-request work (there at 1 connection) or appears only under concurrency.
 
 Usage: .venv/bin/python bench/reservation_bench.py [--seconds 10] [--connections 16] [--products 1]
-                                                   [--insert sqlite3|peewee]
-`--connections 1,4,16` runs each count in turn (same processes); `--products 50` spreads the reservations over
+                                                   [--insert sqlite3|peewee] [--rounds 3]
+`--connections 1,4,16` runs each count in turn (same processes); at each count the bridge and the bare app are
+measured in turn `--rounds` times and the medians printed, with the ratio of each round (a shared machine's load
+drifts by more than the gap measured); `--products 50` spreads the reservations over
 50 products (the stock sum each one reads grows with every reservation held of its product).
 Uses wrk (Debian package `wrk`) when present; otherwise a Python keep-alive client (slower, same for both).
 """
 import argparse
 import json
+import statistics
 import tempfile
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import requests
@@ -60,34 +64,49 @@ def measured(proc, port, headers, bodies, args, connections, folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=10, help="per measurement")
     parser.add_argument("--connections", default="16", help="one count, or several: 1,4,16")
     parser.add_argument("--products", type=int, default=1)
     parser.add_argument("--insert", choices=("sqlite3", "peewee"), default="sqlite3", help="the bare app's insert")
+    parser.add_argument("--rounds", type=int, default=3, help="bridge and bare app measured in turn, this many times")
     args = parser.parse_args()
     counts = [int(count) for count in args.connections.split(",")]
+    results = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp, Simulator() as sim:
         folder = Path(tmp)
         (folder / "empty.env").write_text("")
         bodies = products(sim, folder, args.products)
-        results = {}
-        for name, starter in (("bridge POST /reservation", lambda p: start_bridge(sim, folder, p, bodies)),
-                              (f"bare app, 1 {args.insert} insert", lambda p: start_bare(folder, p, args.insert))):
-            port = harness.free_port()
-            proc, headers = starter(port)
-            try:  # every Waitress thread opens its database connection before anything is measured
+        servers = {}
+        try:
+            for name, starter in (("bridge POST /reservation", lambda p: start_bridge(sim, folder, p, bodies)),
+                                  (f"bare app, 1 {args.insert} insert", lambda p: start_bare(folder, p, args.insert))):
+                port = harness.free_port()
+                proc, headers = starter(port)
+                servers[name] = proc, port, headers
+                # every Waitress thread opens its database connection before anything is measured
                 load.hammer(port, "POST", "/reservation", headers, bodies, 1, max(counts), folder)
-                for count in counts:
-                    results[name, count] = measured(proc, port, headers, bodies, args, count, folder)
-            finally:
-                harness.stop({name: proc})
-    print(f"load: {load.tool()}, {args.seconds}s each, cached stock, {args.products} product(s)")
-    for (name, count), (rate, p99, errors, cpu, voluntary, involuntary) in results.items():
-        print(f"{name:30} {count:3} conn {rate:7.0f} req/s  p99 {p99:7.1f} ms  non-2xx {errors}  CPU {cpu:4.0f} µs/req"
-              f"  switches/req {voluntary:5.1f} voluntary {involuntary:4.1f} involuntary")
+            for count in counts:
+                for _ in range(args.rounds):  # in turn, so that a machine getting busier or quieter hits both
+                    for name, (proc, port, headers) in servers.items():
+                        results[name, count].append(measured(proc, port, headers, bodies, args, count, folder))
+        finally:
+            harness.stop({name: proc for name, (proc, _, _) in servers.items()})
+    report(results, counts, args)
+
+
+def report(results, counts, args):
+    print(f"load: {load.tool()}, {args.rounds} rounds of {args.seconds}s each, cached stock, {args.products} "
+          f"product(s); medians of the rounds")
+    for (name, count), rounds in results.items():
+        rate, p99, errors, cpu, voluntary, involuntary = (statistics.median(column) for column in zip(*rounds))
+        print(f"{name:30} {count:3} conn {rate:7.0f} req/s  p99 {p99:7.1f} ms  non-2xx {errors:.0f}  CPU {cpu:4.0f} "
+              f"µs/req  switches/req {voluntary:5.1f} voluntary {involuntary:4.1f} involuntary")
     for count in counts:
-        bridge, bare = (value[0] for (name, at), value in results.items() if at == count)
-        print(f"{count:3} connections: bridge / bare = {bridge / bare:.0%}")
+        bridge, bare = ([measurement[0] for measurement in rounds]
+                        for (name, at), rounds in results.items() if at == count)
+        ratios = sorted(ours / theirs for ours, theirs in zip(bridge, bare))
+        print(f"{count:3} connections: bridge / bare = {statistics.median(ratios):.0%} "
+              f"(rounds: {', '.join(f'{ratio:.0%}' for ratio in ratios)})")
 
 
 if __name__ == "__main__":
