@@ -104,9 +104,9 @@ def report(results, counts, args):
     for count in counts:
         bridge, bare = ([measurement[0] for measurement in rounds]
                         for (name, at), rounds in results.items() if at == count)
-        ratios = sorted(ours / theirs for ours, theirs in zip(bridge, bare))
+        ratios = [ours / theirs for ours, theirs in zip(bridge, bare)]
         print(f"{count:3} connections: bridge / bare = {statistics.median(ratios):.0%} "
-              f"(rounds: {', '.join(f'{ratio:.0%}' for ratio in ratios)})")
+              f"(rounds in order: {', '.join(f'{ratio:.0%}' for ratio in ratios)})")
 
 
 if __name__ == "__main__":
