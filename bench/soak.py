@@ -39,6 +39,7 @@ from bridge.sim import CWS_CLIENT_ID, CWS_CLIENT_SIGNATURE
 PROFIT, FEE = Decimal("0.50"), Decimal("0.15")  # the bridge's defaults: offers start at the price it would set
 REPORT_EVERY, SAMPLE_EVERY = 30.0, 5.0
 DELAYED_SHARE = 0.3
+TOKEN_RENEW_AFTER = 50 * 60  # seconds; the bridge's tokens last an hour
 DELAYED_POLLS = 4  # CWS GETs before a delayed order completes (the worker polls every 0.5 s)
 
 
@@ -135,7 +136,14 @@ class G2A:
         self.delivered = []  # (order_id, [item ids]) that may be returned later
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.token = harness.access_token(base)
+        self.token, self.token_at = harness.access_token(base), time.monotonic()
+
+    def bearer(self):
+        """The token, renewed before its hour is up as G2A does (a 60-minute run ended in 401s with one token)."""
+        with self.lock:
+            if time.monotonic() - self.token_at > TOKEN_RENEW_AFTER:
+                self.token, self.token_at = harness.access_token(self.base), time.monotonic()
+            return self.token
 
     def call(self, action, method, path, body=None):
         if not hasattr(self.local, "session"):
@@ -143,7 +151,7 @@ class G2A:
         started = time.perf_counter()
         try:
             answer = self.local.session.request(method, self.base + path, json=body, timeout=30,
-                                                headers={"Authorization": f"Bearer {self.token}"})
+                                                headers={"Authorization": f"Bearer {self.bearer()}"})
         except requests.RequestException as exc:
             self.stats.record(action, type(exc).__name__, time.perf_counter() - started)
             return None
