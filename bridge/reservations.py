@@ -170,7 +170,7 @@ Sellable = namedtuple("Sellable", "products available balance")
 # The statements below are hand-written because they run on every reservation and peewee spent longer
 # building them than the database spent running them (bench/reservation_bench.py: 4.7 -> 1.0 ms).
 SELLABLE_SQL = ("SELECT p.g2a_id, p.cws_product_id, p.enabled, p.max_stock, p.fee, c.cost, c.checked_at, p.offer_price, "
-                + AVAILABLE_SQL + ', (SELECT value FROM setting WHERE "key" = {p}) '
+                + AVAILABLE_SQL + f", ({db.SETTING_SQL}) "
                 "FROM product p JOIN cws_product c ON c.id = p.cws_product_id WHERE p.mapped AND p.g2a_id IN ({ids})")
 INSERT_RESERVATION_SQL = ("INSERT INTO reservation (id, state, created_at, expires_at, request_id) "
                           "VALUES ({p}, {p}, {p}, {p}, {p})")
