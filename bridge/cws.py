@@ -27,14 +27,14 @@ CENT = Decimal("0.01")
 MAX_HISTORY_PAGES = 100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PriceTier:
     low: int
     high: int | None
     value: Decimal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CwsProductInfo:
     id: str
     name: str
@@ -156,11 +156,17 @@ class CwsClient:
             params["updatedSince"] = _iso(updated_since)
         seen, token = set(), None
         while True:
-            page = self._upstream.request("GET", "/v3/products", budget="cws_list",
-                                          params={**params, "continuationToken": token} if token else params)
-            items = _list(_object(page, "products page"), "items", "products page", default=[])
-            token = page.get("continuationToken")
-            yield ProductPage([_product(item) for item in items], bool(token))
+            answer = _object(self._upstream.request(
+                "GET", "/v3/products", budget="cws_list",
+                params={**params, "continuationToken": token} if token else params), "products page")
+            token = answer.get("continuationToken")
+            page = ProductPage([_product(item) for item in _list(answer, "items", "products page", default=[])],
+                               bool(token))
+            # The decoded answer (a 1,000-product page is ~20,000 objects, 1.5 MB) must not live while the caller
+            # stores and reconciles the page, which takes seconds: the worker's other threads would fill the
+            # allocator's fresh arenas around it meanwhile, pinning them after it is freed (the soak's RSS creep).
+            del answer
+            yield page
             if not token:
                 return
             if token in seen:  # a server bug must not become an endless loop, nor a silently short list

@@ -1,5 +1,6 @@
 """The CWS v3 client: requests it sends, validation of what comes back, order outcomes."""
 import datetime
+import gc
 import json
 import logging
 from decimal import Decimal
@@ -85,6 +86,18 @@ def test_a_repeated_continuation_token_stops_paging_with_an_error(client, reques
     with pytest.raises(UpstreamError, match="repeated a continuationToken"):
         list(client.products())
     assert calls.call_count == 2
+
+
+def test_a_page_in_use_does_not_keep_its_decoded_answer_alive(client, requests_mock):
+    # Given as text, so the only dict carrying this marker is the one decoded from the answer.
+    requests_mock.get(PRODUCTS, [{"text": json.dumps({"items": [product("a")], "continuationToken": "marker-7"})},
+                                 {"json": {"items": []}}])
+    pages = client.product_pages()
+    page = next(pages)  # the caller now stores and reconciles it, which takes seconds in the worker
+    gc.collect()
+    decoded = [o for o in gc.get_objects() if isinstance(o, dict) and o.get("continuationToken") == "marker-7"]
+    assert [info.id for info in page.items] == ["a"] and page.more
+    assert decoded == []
 
 
 @pytest.mark.parametrize("item, field", [
