@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 import schedule
 
-from . import alerts, db, pause, stuck
+from . import alerts, db, memory, pause, stuck
 from .auth import delete_expired_tokens
 from .budget import budgets_for
 from .crypto import open_key_box
@@ -40,6 +40,7 @@ HEARTBEAT = 5.0
 # heartbeat takes the database's writer lock like every job that writes, so a frozen heartbeat is a frozen worker
 # (the round-4 deadlock froze them all); the unit's WatchdogSec then has systemd restart it.
 STALLED_AFTER = 60.0
+TRIM_EVERY = 30.0  # seconds between giving the C heap's free pages back (memory.py)
 CLOCK_JUMP = 5.0  # seconds of wall-clock step (NTP, DST) after which the schedule is rebuilt
 SYNC_FAILURES_ALERT = 3
 
@@ -323,6 +324,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("cws.balance", 10.0, fulfilment.balance.due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),
         Job("alerts.dispatch", 5.0, lambda now: alerts.dispatch_pending(settings, now, webhook)),
+        Job("memory.trim", TRIM_EVERY, lambda now: memory.give_back()),
     ]
 
 
