@@ -97,17 +97,24 @@ def bridge_env(sim, folder, port, **extra):
            "CWS_CLIENT_SECRET": CWS_CLIENT_SECRET, "CWS_API_BASE_URL": sim.cws_url, "G2A_API_KEY": G2A_API_KEY,
            "G2A_API_SECRET": G2A_API_SECRET, "G2A_API_BASE_URL": sim.g2a_url,
            "DATABASE_URL": f"sqlite:///{folder}/bridge.db", "PRODUCTS_FILE": str(folder / "products.json"),
-           "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8",
-           "MALLOC_ARENA_MAX": "2"}  # as the units set it (systemd/)
+           "PORT": str(port), "LOG_LEVEL": "WARNING", "WEB_THREADS": "8"}
     env.update({key: str(value) for key, value in extra.items()})
     return env
 
 
 def start(command, env, folder, log_name=None):
-    """`python -m bridge <command>` with its output in folder/<log_name or command>.log."""
+    """`python -m bridge <command>` with its output in folder/<log_name or command>.log, in the environment its
+    systemd unit sets (the allocator settings, among others) under `env`."""
     log = open(folder / f"{log_name or command}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "bridge", command], cwd=ROOT,
+                            env={**unit_environment(command), **env}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def unit_environment(command):
+    """The Environment= lines of systemd/g2a-bridge-<command>.service, but ENV_FILE (a bench names its own)."""
+    unit = (ROOT / "systemd" / f"g2a-bridge-{command}.service").read_text()
+    pairs = (line.partition("=")[2].partition("=") for line in unit.splitlines() if line.startswith("Environment="))
+    return {key: value for key, _, value in pairs if key != "ENV_FILE"}
 
 
 def start_bare(port, database, insert="sqlite3"):

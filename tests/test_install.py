@@ -294,6 +294,7 @@ def test_each_unit_runs_its_command_as_the_service_user_with_the_installed_confi
     assert service["LoadCredential"] == ["bridge.env:/etc/g2a-bridge/bridge.env"]
     assert f"ENV_FILE=/run/credentials/{unit}/bridge.env" in service["Environment"]
     assert "MALLOC_ARENA_MAX=2" in service["Environment"]  # bench/soak.py, docs/decisions.md
+    assert ("PYTHONMALLOC=malloc" in service["Environment"]) == (command == "worker")  # bridge/memory.py
     assert not [value for value in service["Environment"] if value.split("=")[0] in NAME_RE.findall(
         (REPO / "bridge.env.example").read_text())]
     assert service["User"] == service["Group"] == ["g2a-bridge"]
