@@ -324,7 +324,7 @@ def build_jobs(settings, cws, g2a, pause_switch, watcher, metrics=None):
         Job("cws.balance", 10.0, fulfilment.balance.due, at_start=True),
         Job("g2a.auth", 300.0, lambda now: next(g2a.offers(), None), at_start=True),
         Job("alerts.dispatch", 5.0, lambda now: alerts.dispatch_pending(settings, now, webhook)),
-        Job("memory.trim", TRIM_EVERY, lambda now: memory.give_back()),
+        Job("memory.trim", TRIM_EVERY, lambda now: memory.give_back(), exclusive=False),  # this process's own
     ]
 
 

@@ -10,12 +10,13 @@ from conftest import sqlite_steps
 from polling import wait_for
 
 from bridge import db, migrations
+from bridge.config import Settings
 from bridge.errors import UpstreamError
 from bridge.g2a import G2aClient
 from bridge.lease import Lease
 from bridge.metrics import Metrics
 from bridge.sync import PassReport
-from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker, checked, cleanup
+from bridge.worker import SYNC_FAILURES_ALERT, Job, Worker, build_jobs, checked, cleanup
 
 T0 = datetime(2025, 7, 14, 12, 0, tzinfo=timezone.utc)
 BACKENDS = ("sqlite", "postgresql")  # the real-process tests run on both (conftest.py)
@@ -353,3 +354,17 @@ def test_cleanup_retires_expired_reservation_lines_at_a_cost_that_does_not_grow_
     reservation_lines(3, 9000, now - timedelta(minutes=1), active=True)
     assert sqlite_steps(lambda: cleanup(now)) <= steps * 1.5 + 2
     assert active() == 2
+
+SECRET_KEY = "q3Tq1Xqz8b0Yw5H2cXc3mR3J0uQnQ9yD2mVd3v4o1cE="  # any valid one: the jobs open the key box
+
+
+def test_a_standby_worker_still_gives_its_memory_back(database):
+    """memory.trim is the process's own business: it runs whether or not this worker holds the lease."""
+    clock = Clock()
+    [trim] = [job for job in build_jobs(Settings(bridge_secret_key=SECRET_KEY), None, None, None, None)
+              if job.name == "memory.trim"]
+    first, second = make_worker(Job("fulfilment.poll", 0.5, Recorder()), clock=clock), make_worker(trim, clock=clock)
+    first.heartbeat(clock())
+    second.heartbeat(clock())
+    assert not second.lease.holds(clock())
+    assert second.run_job(second.jobs["memory.trim"])
