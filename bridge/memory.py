@@ -2,9 +2,11 @@
 
 glibc keeps the memory a burst freed inside its heap, and gives back only what sits at the very top. In the worker,
 short bursts (a CWS page being stored, a pass's G2A writes, order polling) meet on many threads, so over hours the
-resident size settles at the largest such meeting ever seen, not at what the process uses. A trim every half
-minute returns every whole free page, so the resident size follows what is in use. Elsewhere than glibc (musl,
-macOS) there is no such call and nothing is done.
+resident size creeps towards the largest such meeting ever seen, not what the process uses. A trim every half
+minute (the worker's memory.trim job) returns every whole free page of every arena. The worker unit sets
+PYTHONMALLOC=malloc so that Python's objects are in those arenas too: Python's own allocator gives a 1 MiB arena
+back only once every object in it is gone. Elsewhere than glibc (musl, macOS) there is no such call and nothing is
+done.
 """
 import ctypes
 
