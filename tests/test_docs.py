@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SECRET_KEY
 
 from bridge.cli import COMMANDS
 from bridge.config import Settings
@@ -12,7 +13,6 @@ from test_config import DOCUMENTED, EXTRAS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-KEY = "q3Tq1Xqz8b0Yw5H2cXc3mR3J0uQnQ9yD2mVd3v4o1cE="
 
 
 def section(title):
@@ -54,7 +54,7 @@ def test_install_sh_variables_are_documented():
 
 
 def test_every_worker_job_is_in_the_worker_table(database):  # the jobs check the key against a database
-    jobs = build_jobs(Settings(bridge_secret_key=KEY), None, None, None, None)
+    jobs = build_jobs(Settings(bridge_secret_key=SECRET_KEY), None, None, None, None)
     names = Worker(jobs, Lease(), None).jobs
     table = section("Commands").split("### The worker")[1]
     assert [name for name in names if f"| {name} |" not in table] == []

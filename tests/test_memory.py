@@ -29,3 +29,13 @@ def test_free_pages_in_the_middle_of_the_heap_go_back_to_the_system():
 def test_without_malloc_trim_nothing_is_done(monkeypatch):
     monkeypatch.setattr(memory, "_TRIM", None)
     assert memory.give_back() is False
+
+
+@pytest.mark.parametrize("library", [OSError("no C library to open"), object()])  # unopenable; no malloc_trim
+def test_a_c_library_without_malloc_trim_gives_no_trim(monkeypatch, library):
+    def cdll(name):
+        if isinstance(library, Exception):
+            raise library
+        return library
+    monkeypatch.setattr(memory.ctypes, "CDLL", cdll)
+    assert memory._malloc_trim() is None

@@ -6,7 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import sqlite_steps
+from conftest import SECRET_KEY, sqlite_steps
 from polling import wait_for
 
 from bridge import db, migrations
@@ -354,8 +354,6 @@ def test_cleanup_retires_expired_reservation_lines_at_a_cost_that_does_not_grow_
     reservation_lines(3, 9000, now - timedelta(minutes=1), active=True)
     assert sqlite_steps(lambda: cleanup(now)) <= steps * 1.5 + 2
     assert active() == 2
-
-SECRET_KEY = "q3Tq1Xqz8b0Yw5H2cXc3mR3J0uQnQ9yD2mVd3v4o1cE="  # any valid one: the jobs open the key box
 
 
 def test_a_standby_worker_still_gives_its_memory_back(database):
