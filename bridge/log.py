@@ -23,30 +23,44 @@ _QUIET_LOGGERS = {"waitress.queue": logging.ERROR, "urllib3": logging.WARNING,
                   "requests": logging.WARNING, "peewee": logging.WARNING}
 
 
+# A word each pattern above needs (matched ignoring case): ASCII text with none of them cannot match any.
+_PATTERN_WORDS = ("bearer", "basic", "secret", "token", "password", "authhash", "code", "value")
+
+
 class Masker:
     """Replaces known secrets and anything shaped like a credential with ***."""
 
     def __init__(self, secrets=()):
-        self.secrets = set()
+        self.secrets = ()  # longest first, so a secret containing another is masked whole
         self.add(*secrets)
 
     def add(self, *values):
         # Very short values would mask ordinary words; config secrets are long.
-        self.secrets.update(v for v in values if v and len(v) >= 6)
+        fresh = {v for v in values if v and len(v) >= 6}
+        self.secrets = tuple(sorted(fresh.union(self.secrets), key=len, reverse=True))
 
     def __call__(self, text):
-        for value in sorted(self.secrets, key=len, reverse=True):
+        for value in self.secrets:
             text = text.replace(value, MASK)
+        if text.isascii() and not _has_pattern_word(text.lower()):
+            return text  # most lines: the scans below cost more than the rest of the line's formatting
         text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)} {MASK}", text)
         for pattern in _SECRET_PATTERNS[1:]:
             text = pattern.sub(lambda m: m.group(1) + MASK, text)
         return text
 
 
+def _has_pattern_word(lowered):
+    for word in _PATTERN_WORDS:
+        if word in lowered:
+            return True
+    return False
+
+
 def event(logger, name, /, level=logging.INFO, **fields):
     """Log one event: a stable name plus the ids that matter, e.g. event(log, "order.claimed", order=oid)."""
-    if logger.isEnabledFor(level):
-        logger.log(level, name, extra={"event_fields": fields})
+    if logger.isEnabledFor(level):  # the record made directly: no line shows the caller's file, so none is looked up
+        logger.handle(logger.makeRecord(logger.name, level, "", 0, name, None, None, extra={"event_fields": fields}))
 
 
 def escape_unprintable(text):
@@ -129,6 +143,8 @@ def _exception_line(record):
 def setup(level="INFO", fmt="text", secrets=(), stream=None, with_time=False):
     """Configure the root logger once, at an entry point; returns the Masker so callers can add secrets."""
     masker = Masker(secrets)
+    # No line shows a thread or process name, and each costs a look-up per record (logging HOWTO, "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(masker) if fmt == "json" else TextFormatter(masker, with_time))
     root = logging.getLogger()

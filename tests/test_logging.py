@@ -7,6 +7,8 @@ import re
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import requests
 from conftest import DEMO, OUR_ID, OUR_SECRET, SECRET_KEY, SWITCH
 from fake_webhook import webhook  # noqa: F401 (a fixture)
@@ -154,3 +156,37 @@ def test_the_unhandled_error_line_escapes_every_unprintable_character(formatter)
         record = json.loads(line)
         assert record["path"] == nasty and record["msg"] == f"web.unhandled GET {nasty}"
         assert record["error"].startswith(f"ValueError: bad id {nasty} at ")
+
+
+def every_pattern_applied(masker, text):
+    """What the masker gave before it learnt to skip lines without a credential word: every scan, always."""
+    for value in masker.secrets:
+        text = text.replace(value, logsetup.MASK)
+    text = logsetup._SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)} {logsetup.MASK}", text)
+    for pattern in logsetup._SECRET_PATTERNS[1:]:
+        text = pattern.sub(lambda m: m.group(1) + logsetup.MASK, text)
+    return text
+
+
+LINE_PARTS = st.sampled_from(["Bearer ", "BASIC ", "client_secret=", "Token: ", '"code": "', "VALUE=", "authHash=",
+                              "emailPassword=", "ſecret=", "status=200 ", "path=/reservation ", " ", "=", '"'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(LINE_PARTS, st.text(min_size=1, max_size=12)), max_size=8).map("".join))
+def test_the_masker_masks_what_every_scan_would(text):
+    masker = logsetup.Masker(["supersecretvalue", "supersecretvalue-longer"])
+    assert masker(text) == every_pattern_applied(masker, text)
+
+
+@pytest.mark.parametrize("line, masked", [
+    ("INFO bridge.access http method=POST path=/reservation status=200", "unchanged"),
+    ("upstream said: Authorization: BEARER abcdefghijk", "upstream said: Authorization: BEARER ***"),
+    ("ſecret=abcdefghij", "ſecret=***"),  # not ASCII: every scan runs, and (?i) matches the long s
+    ('{"CODE": "ABCD-EFGH-IJKL"}', '{"CODE": "***"}'),
+    ("x supersecretvalue-longer y supersecretvalue", "x *** y ***"),  # the longer secret first, whole
+])
+def test_the_masker(line, masked):
+    masker = logsetup.Masker(["supersecretvalue"])
+    masker.add("supersecretvalue-longer")
+    assert masker(line) == (line if masked == "unchanged" else masked)
