@@ -15,19 +15,22 @@ BALANCE_KEY = "cws.balance"  # the CWS spending power at its last reading (0 aft
 CHUNK = 500  # ids per IN (...) clause; above SMALL we group over the whole table instead
 SMALL = 2000
 FEW = 20  # up to this many ids one hand-written statement answers
-# The formula for CWS product `c` in SQL, before the floor at 0; its parameters are available_params(now).
+# The formula for CWS product `c` in SQL, before the floor at 0, with its four values (`now` and PROMISED) given as
+# SQL: parameters (AVAILABLE_SQL, which takes available_params(now)) or expressions (a trigger's, quickhold.py).
 # Hand-written: a reservation (with its products, reservations.py) or an order asks for one or two products, and
 # peewee spent longer building four queries than SQLite spent running them (bench/reservation_bench.py). Each sum
 # must stay bounded by what is live, never by history: `l.active = TRUE` lets the covering index skip inactive
 # lines, and the claimed items are found from the few claimed orders (CROSS JOIN fixes SQLite's loop order), not
 # from every item ever sold of the product (20,000 past orders of a product made this 12 ms instead of 0.1 ms).
-AVAILABLE_SQL = """CASE WHEN c.listed THEN c.quantity ELSE 0 END
+AVAILABLE_FORMULA = """CASE WHEN c.listed THEN c.quantity ELSE 0 END
   + (SELECT COUNT(*) FROM pooled_key k WHERE k.cws_product_id = c.id AND k.taken_by_id IS NULL)
   - (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l
-     WHERE l.cws_product_id = c.id AND l.active = TRUE AND l.expires_at > {p})
+     WHERE l.cws_product_id = c.id AND l.active = TRUE AND l.expires_at > {now})
   - (SELECT COUNT(*) FROM "order" o CROSS JOIN order_item i
-     WHERE o.state = {p} AND i.order_id = o.id AND i.cws_product_id = c.id AND i.source = {p}
-       AND i.state = {p})"""
+     WHERE o.state = {order_state} AND i.order_id = o.id AND i.cws_product_id = c.id AND i.source = {source}
+       AND i.state = {item_state})"""
+PROMISED = (db.CLAIMED, "cws", "pending")  # claimed orders' CWS items not bought yet: their keys are promised
+AVAILABLE_SQL = AVAILABLE_FORMULA.format(now="{p}", order_state="{p}", source="{p}", item_state="{p}")
 FEW_SQL = "SELECT c.id, " + AVAILABLE_SQL + " FROM cws_product c WHERE c.id IN ({ids})"
 
 
@@ -61,7 +64,7 @@ def available_stock(cws_product_ids, now):
 
 def available_params(now):
     """The parameters of AVAILABLE_SQL, in order."""
-    return [db.ReservationLine.expires_at.db_value(now), db.CLAIMED, "cws", "pending"]
+    return [db.ReservationLine.expires_at.db_value(now), *PROMISED]
 
 
 def _few(ids, now):

@@ -10,7 +10,7 @@ LAYERS = {
     0: {"errors", "log", "config", "db", "writelock", "migrations", "watchdog", "memory"},
     1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock", "pacing", "sharedwindow"},
-    2: {"reservations", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
+    2: {"reservations", "quickhold", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
         "delta", "postbacks", "refresh", "doctor", "freshness", "status", "metrics", "report", "stuck", "balance"},
     3: {"web", "access", "httpserver", "worker", "cli", "demo", "__main__", "__init__"},
 }

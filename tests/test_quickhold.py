@@ -1,0 +1,147 @@
+"""POST /reservation's quick path on SQLite (quickhold.py): after an exact read of its products, a reservation is written
+by one guarded statement; whatever changed since that read makes the guard refuse, nothing is written, and the exact
+path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
+from decimal import Decimal
+
+import pytest
+from conftest import SKYLINES, SWITCH
+from test_concurrency import SKYLINES_CWS, SWITCH_CWS, shop  # noqa: F401 (a fixture)
+
+from bridge import db, quickhold, stock
+from bridge import reservations as reservation_rules
+from bridge.contract import Line
+from bridge.errors import ContractError
+
+
+@pytest.fixture
+def holds(monkeypatch):
+    """What each quick statement gave: its stock figures, or None when the guard refused."""
+    seen, hold = [], quickhold.hold
+
+    def spy(rows):
+        seen.append(hold(rows))
+        return seen[-1]
+    monkeypatch.setattr(quickhold, "hold", spy)
+    return seen
+
+
+def counts():
+    return db.Reservation.select().count(), db.ReservationLine.select().count()
+
+
+def available(cws_id):
+    return stock.available_stock([cws_id], db.utcnow())[cws_id]
+
+
+def test_a_known_product_is_reserved_in_one_statement_with_the_exact_paths_answer(shop, sim, holds):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    first = reservations.reserve([Line(SWITCH, 2)], db.utcnow())  # the exact path: nothing known yet
+    assert holds == [] and first["stock"] == [{"product_id": SWITCH, "inventory_size": 8}]
+    second = reservations.reserve([Line(SWITCH, 3)], db.utcnow(), request_id="req-2")
+    assert holds == [[8]]  # one statement, which found 8 before it counted its own 3
+    assert second["stock"] == [{"product_id": SWITCH, "inventory_size": 5}] and available(SWITCH_CWS) == 5
+    stored = db.Reservation.get_by_id(second["reservation_id"])
+    assert (stored.state, stored.request_id) == (reservation_rules.ACTIVE, "req-2")
+    line = db.ReservationLine.get(db.ReservationLine.reservation == stored.id)
+    assert (line.g2a_product_id, line.cws_product_id, line.quantity, line.active) == (SWITCH, SWITCH_CWS, 3, True)
+    assert line.expires_at == stored.expires_at and line.offer_price == first_line(first).offer_price
+
+
+def first_line(answer):
+    return db.ReservationLine.get(db.ReservationLine.reservation == answer["reservation_id"])
+
+
+def set_cost(cws_id, cost):
+    db.CwsProduct.update(cost=Decimal(cost)).where(db.CwsProduct.id == cws_id).execute()
+
+
+# Each changes, after the exact read, one fact the reservation is decided on; the guard must see it.
+CHANGES = {
+    "stock sold elsewhere": (lambda: db.CwsProduct.update(quantity=2).where(db.CwsProduct.id == SWITCH_CWS).execute(),
+                             "not enough stock"),
+    "cost raised above the unit price": (lambda: set_cost(SWITCH_CWS, "9.50"), "below our cost"),
+    "product disabled": (lambda: db.Product.update(enabled=False).where(db.Product.g2a_id == SWITCH).execute(),
+                         "not enough stock"),
+    "product unmapped": (lambda: db.Product.update(mapped=False).where(db.Product.g2a_id == SWITCH).execute(),
+                         "not sold here"),
+    "balance spent": (lambda: db.put_setting(stock.BALANCE_KEY, "1.00"), "not enough stock"),  # buys no key
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_fact_changed_since_the_read_makes_the_guard_refuse_and_the_exact_path_answer(shop, sim, holds, change):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    db.put_setting(stock.BALANCE_KEY, "1000.00")
+    set_cost(SWITCH_CWS, "5.00")
+    reservations.reserve([Line(SWITCH, 1, Decimal("9.00"))], db.utcnow())
+    apply, refusal = CHANGES[change]
+    apply()
+    before = counts()
+    with pytest.raises(ContractError) as refused:
+        reservations.reserve([Line(SWITCH, 3, Decimal("9.00"))], db.utcnow())
+    assert holds == [None] and refusal in refused.value.message
+    assert counts() == before
+
+
+def test_a_refreshed_product_is_reserved_by_the_exact_path(shop, sim, holds):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    db.CwsProduct.update(checked_at=db.utcnow()).where(db.CwsProduct.id == SWITCH_CWS).execute()  # a later read
+    answer = reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    assert holds == [None] and answer["stock"] == [{"product_id": SWITCH, "inventory_size": 8}]
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())  # the exact path's read is what is known now
+    assert holds == [None, [8]]
+
+
+def test_lines_are_all_written_or_none(shop, sim, holds):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    sim.cws.set_quantity(SKYLINES_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1), Line(SKYLINES, 1)], db.utcnow())
+    db.CwsProduct.update(quantity=1).where(db.CwsProduct.id == SKYLINES_CWS).execute()  # the second line no longer fits
+    before = counts()
+    with pytest.raises(ContractError) as refused:
+        reservations.reserve([Line(SWITCH, 1), Line(SKYLINES, 2)], db.utcnow())
+    assert holds == [None] and counts() == before  # not even the first line's stock is held
+    assert refused.value.extra["stock"] == [{"product_id": SWITCH, "inventory_size": 9},
+                                            {"product_id": SKYLINES, "inventory_size": 0}]
+
+
+def test_two_g2a_products_of_one_cws_product_share_its_stock_in_the_statement(shop, sim, holds):
+    _, reservations, _ = shop
+    twin = 10000099999001
+    db.run_sql("INSERT INTO product SELECT {p}, cws_product_id, mapped, enabled, fixed_profit, fee, min_price, "
+               "max_price, max_stock, offer_id, offer_price, offer_stock, offer_active, price_limit_min, "
+               "price_limit_max, sync_state, sync_error, synced_at, missing_offer_warned FROM product "
+               "WHERE g2a_id = {p}", twin, SWITCH)
+    sim.cws.set_quantity(SWITCH_CWS, 5)
+    reservations.reserve([Line(SWITCH, 1), Line(twin, 1)], db.utcnow())  # the exact read: 3 left
+    with pytest.raises(ContractError):
+        reservations.reserve([Line(SWITCH, 2), Line(twin, 2)], db.utcnow())  # 4 of 3: each line alone would fit
+    assert holds == [None]
+    answer = reservations.reserve([Line(SWITCH, 2), Line(twin, 1)], db.utcnow())
+    assert holds == [None, [3, 1]]  # the second line counted after the first
+    assert answer["stock"] == [{"product_id": SWITCH, "inventory_size": 0}, {"product_id": twin, "inventory_size": 0}]
+
+
+def test_a_new_connection_gets_the_statement_made_again(shop, sim, holds):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    for _ in range(2):
+        reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+        db.database.obj.close()  # the writing connection, and with it the TEMP view and its trigger, are gone
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    assert holds == [[9], [8]]
+
+
+def test_what_a_process_knows_for_the_quick_path_is_bounded(shop, monkeypatch):
+    _, reservations, _ = shop
+    monkeypatch.setattr(reservation_rules, "KNOWN_MAX", 2)
+    with db.write_transaction():
+        sellable = reservation_rules._read_sellable([SWITCH, SKYLINES], db.utcnow())
+    reservations._remember(sellable)
+    reservations._remember(sellable._replace(products={SWITCH: sellable.products[SWITCH]}))
+    assert list(reservations._known) == [SKYLINES, SWITCH]  # the newest read last; none beyond the bound
