@@ -140,12 +140,33 @@ def _exception_line(record):
     return f"{exc_type.__name__}: {exc}{where}"
 
 
+class LineHandler(logging.StreamHandler):
+    """Formats a record before it takes the handler's lock, which then covers only the write: threads logging at
+    once wait for each other's write, not for each other's formatting (StreamHandler formats under the lock)."""
+
+    def handle(self, record):
+        if not self.filter(record):
+            return False
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return True
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.flush()
+            except Exception:
+                self.handleError(record)
+        return True
+
+
 def setup(level="INFO", fmt="text", secrets=(), stream=None, with_time=False):
     """Configure the root logger once, at an entry point; returns the Masker so callers can add secrets."""
     masker = Masker(secrets)
     # No line shows a thread or process name, and each costs a look-up per record (logging HOWTO, "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(masker) if fmt == "json" else TextFormatter(masker, with_time))
     root = logging.getLogger()
     root.handlers[:] = [handler]

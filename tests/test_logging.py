@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import sys
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -190,3 +191,26 @@ def test_the_masker(line, masked):
     masker = logsetup.Masker(["supersecretvalue"])
     masker.add("supersecretvalue-longer")
     assert masker(line) == (line if masked == "unchanged" else masked)
+
+
+def test_a_record_is_formatted_before_the_handler_takes_its_lock(tmp_path):
+    """Threads logging at once queue only on the write: formatting under the lock (StreamHandler's way) made the
+    8 Waitress threads wait for each other's formatting at INFO (bench: 1,309 -> 1,418 reservations/s)."""
+    handler = logsetup.LineHandler(open(tmp_path / "log", "w"))
+    free_while_formatting = []
+
+    def try_the_lock():
+        taken = handler.lock.acquire(timeout=0.5)
+        if taken:
+            handler.lock.release()
+        free_while_formatting.append(taken)
+
+    class Probe(logging.Formatter):
+        def format(self, record):
+            other = threading.Thread(target=try_the_lock)
+            other.start(), other.join()
+            return "line"
+    handler.setFormatter(Probe())
+    handler.handle(logging.LogRecord("bridge.test", logging.INFO, __file__, 1, "event", None, None))
+    handler.close()
+    assert free_while_formatting == [True] and (tmp_path / "log").read_text() == "line\n"
