@@ -4,6 +4,8 @@ path answers as it always did. In-process, on a real SQLite file, against the si
 from decimal import Decimal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import SKYLINES, SWITCH
 from test_concurrency import SKYLINES_CWS, SWITCH_CWS, shop  # noqa: F401 (a fixture)
 
@@ -145,3 +147,57 @@ def test_what_a_process_knows_for_the_quick_path_is_bounded(shop, monkeypatch):
     reservations._remember(sellable)
     reservations._remember(sellable._replace(products={SWITCH: sellable.products[SWITCH]}))
     assert list(reservations._known) == [SKYLINES, SWITCH]  # the newest read last; none beyond the bound
+
+
+def outcome(reserve, lines):
+    """What a reservation answered, without its id: ("ok", stock) or ("refused", status, message, stock)."""
+    try:
+        return "ok", reserve(lines, db.utcnow())["stock"]
+    except ContractError as err:
+        return "refused", err.status, err.message, err.extra.get("stock")
+
+
+def exact_answer(exact, lines):
+    """The exact path's answer to `lines` on the database as it is, rolled back: nothing it writes stays."""
+    database = db.database.obj
+    with database.writing(), database.atomic() as attempt:
+        answer = outcome(exact.reserve, lines)
+        attempt.rollback()
+    return answer
+
+
+PRODUCTS = {SWITCH: SWITCH_CWS, SKYLINES: SKYLINES_CWS}
+LINES = st.lists(st.tuples(st.sampled_from(sorted(PRODUCTS)), st.integers(1, 4),
+                           st.sampled_from([None, "6.00", "9.00"])), min_size=1, max_size=2,
+                 unique_by=lambda line: line[0])
+STEPS = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), LINES),
+    st.tuples(st.just("quantity"), st.sampled_from(sorted(PRODUCTS.values())), st.integers(0, 8)),
+    st.tuples(st.just("cost"), st.sampled_from(sorted(PRODUCTS.values())), st.sampled_from(["5.00", "8.50"])),
+    st.tuples(st.just("balance"), st.sampled_from(["1000.00", "12.00"])),
+    st.tuples(st.just("enabled"), st.sampled_from(sorted(PRODUCTS)), st.booleans())), min_size=1, max_size=14)
+CHANGE = {
+    "quantity": lambda cws_id, count: db.CwsProduct.update(quantity=count).where(db.CwsProduct.id == cws_id).execute(),
+    "cost": lambda cws_id, cost: set_cost(cws_id, cost),
+    "balance": lambda value: db.put_setting(stock.BALANCE_KEY, value),
+    "enabled": lambda g2a_id, on: db.Product.update(enabled=on).where(db.Product.g2a_id == g2a_id).execute(),
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS)
+def test_every_reservation_is_answered_as_the_exact_path_alone_would(shop, steps):
+    _, reservations, _ = shop
+    exact = reservation_rules.Reservations(reservations.settings, reservations.refresher, reservations.pause)
+    exact._quick = lambda *args: None
+    db.ReservationLine.delete().execute(), db.Reservation.delete().execute()
+    db.CwsProduct.update(quantity=6, cost=Decimal("5.00"), checked_at=db.utcnow()).execute()
+    db.Product.update(enabled=True).execute()
+    db.put_setting(stock.BALANCE_KEY, "1000.00")
+    for kind, *args in steps:
+        if kind != "reserve":
+            CHANGE[kind](*args)
+            continue
+        lines = [Line(g2a_id, count, None if price is None else Decimal(price)) for g2a_id, count, price in args[0]]
+        expected = exact_answer(exact, lines)  # first: the quick path's reservation then holds stock
+        assert outcome(reservations.reserve, lines) == expected, steps
