@@ -1,6 +1,6 @@
-"""POST /reservation's quick path on SQLite (quickhold.py): after an exact read of its products, a reservation is written
-by one guarded statement; whatever changed since that read makes the guard refuse, nothing is written, and the exact
-path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
+"""POST /reservation's quick path on SQLite (quickhold.py): after an exact read of its products, a reservation is
+written by one guarded statement; whatever changed since that read makes the guard refuse, nothing is written, and
+the exact path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
 from decimal import Decimal
 
 import pytest
