@@ -1,7 +1,8 @@
 """POST /reservation's quick path on SQLite: a reservation and its lines written by one guarded statement, which
 commits only if the product facts it was decided on are still what the database holds and the stock still covers it.
 
-One statement is one C call that holds the writer lock without needing the GIL back in between (docs/decisions.md).
+One statement is one C call: the writer lock's holder needs the GIL back once (for the stock figure), not after each
+of six statements while other threads run Python (docs/decisions.md, round 7).
 """
 import threading
 
