@@ -96,8 +96,7 @@ class Reservations:
                 sellable = _read_sellable(ids, now)
                 self._remember(sellable)
                 self._check_sellable(lines, ids, sellable)
-                stale = [] if refreshed else self.refresher.stale(
-                    {p.cws_product_id: p.checked_at for p in sellable.products.values()}, now)
+                stale = [] if refreshed else self._stale(sellable.products, now)
                 if not stale:
                     for line in lines:
                         self._check_price(line, sellable.products[line.product_id])
@@ -115,12 +114,9 @@ class Reservations:
         raw = {product.g2a_id: row for product, row in known}
         balance = parse_balance(known[0][1][9])
         demand = _demand(lines, products)
-        payable = _payable(dict.fromkeys(demand, float("inf")), products, balance)  # stock: the statement's guard
-        if (self.refresher.stale({p.cws_product_id: p.checked_at for p in products.values()}, now)
-                or not all(products[line.product_id].enabled for line in lines)
-                or any(self._loss_floor(line, products[line.product_id]) for line in lines)
-                or any(wanted > payable[cws_id] for cws_id, wanted in demand.items())
-                or not _balance_covers(demand, products, balance)):
+        unlimited = _payable(dict.fromkeys(demand, float("inf")), products, balance)  # stock: the statement's guard
+        if (self._stale(products, now) or _shortfall(lines, products, unlimited, balance, demand)
+                or any(self._loss_floor(line, products[line.product_id]) is not None for line in lines)):
             return None
         moment, money = db.Reservation.expires_at.db_value, MONEY.db_value
         found = quickhold.hold([(reservation_id, ACTIVE, moment(now), moment(expires), request_id, line.product_id,
@@ -132,6 +128,10 @@ class Reservations:
         for line, count in zip(lines, found):  # a product's first line saw its stock before this reservation
             available.setdefault(products[line.product_id].cws_product_id, max(0, int(count)))
         return self._stock(lines, _left(_payable(available, products, balance), demand), products)
+
+    def _stale(self, products, now):
+        """The CWS products among `products` whose state was not read alone lately (to be re-read first)."""
+        return self.refresher.stale({p.cws_product_id: p.checked_at for p in products.values()}, now)
 
     def _remember(self, sellable):
         """Keep what an exact read saw of its products, for the quick path (SQLite only; the oldest go first)."""
@@ -175,11 +175,9 @@ class Reservations:
         products, balance = sellable.products, sellable.balance
         available = _payable(sellable.available, products, balance)
         demand = _demand(lines, products)
-        disabled = any(not products[line.product_id].enabled for line in lines)
-        if disabled or any(wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
-            raise self._short(lines, available, products, "out_of_stock", "not enough stock")
-        if not _balance_covers(demand, products, balance):
-            raise self._short(lines, available, products, "out_of_stock", "the CWS balance cannot pay for it")
+        why = _shortfall(lines, products, available, balance, demand)
+        if why:
+            raise self._short(lines, available, products, "out_of_stock", why)
         return self._stock(lines, _left(available, demand), products)
 
     def _short(self, lines, available, products, reason, why):
@@ -274,6 +272,16 @@ def _demand(lines, products):
     for line in lines:
         demand[products[line.product_id].cws_product_id] += line.quantity
     return demand
+
+
+def _shortfall(lines, products, available, balance, demand):
+    """Why the lines cannot all be held from `available` (payable stock by CWS id), or None when they can."""
+    if any(not products[line.product_id].enabled for line in lines) or any(
+            wanted > available.get(cws_id, 0) for cws_id, wanted in demand.items()):
+        return "not enough stock"
+    if not _balance_covers(demand, products, balance):
+        return "the CWS balance cannot pay for it"
+    return None
 
 
 def _left(available, demand):
