@@ -3,6 +3,7 @@ written by one guarded statement; whatever changed since that read makes the gua
 the exact path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
 from decimal import Decimal
 
+import peewee
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -201,3 +202,13 @@ def test_every_reservation_is_answered_as_the_exact_path_alone_would(shop, steps
         lines = [Line(g2a_id, count, None if price is None else Decimal(price)) for g2a_id, count, price in args[0]]
         expected = exact_answer(exact, lines)  # first: the quick path's reservation then holds stock
         assert outcome(reservations.reserve, lines) == expected, steps
+
+
+@pytest.mark.parametrize("error", [peewee.OperationalError("database is locked"),
+                                   peewee.IntegrityError("FOREIGN KEY constraint failed")])
+def test_any_other_database_error_is_raised_not_taken_for_a_refusal(database, monkeypatch, error):
+    def failing(sql, params=None):
+        raise error
+    monkeypatch.setattr(database, "execute_sql", failing)
+    with pytest.raises(type(error)):
+        quickhold.hold([(None,) * len(quickhold.COLUMNS)])
