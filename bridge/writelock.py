@@ -2,11 +2,19 @@
 
 Threads queue on a mutex; the thread holding it queues on an advisory `flock` of a file beside the database.
 Both wake the next waiter the moment the holder lets go, where SQLite's own busy handler sleeps and polls.
+A free file lock is taken, and always let go, without letting go of the GIL: only waiting for another process does.
 """
+import ctypes
+import errno
 import fcntl
 import os
 import threading
 import weakref
+
+# fcntl.flock lets go of the GIL on every call; a holder that then waits to get it back keeps every other writer
+# waiting too (docs/decisions.md, round 8). A call through PyDLL keeps it: only for calls that cannot block.
+_LIBC = ctypes.PyDLL(None, use_errno=True)
+_LIBC.flock.argtypes, _LIBC.flock.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
 
 
 class WriterLock:
@@ -22,7 +30,9 @@ class WriterLock:
         self._mutex.acquire()
         try:
             if self._depth == 0 and self.path is not None:
-                fcntl.flock(self._file(), fcntl.LOCK_EX)
+                fd = self._file()
+                if not _flock_at_once(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # another process holds it: wait, without the GIL
         except BaseException:
             self._mutex.release()
             raise
@@ -33,7 +43,7 @@ class WriterLock:
         self._depth -= 1
         try:
             if self._depth == 0 and self.path is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                _flock_at_once(self._fd, fcntl.LOCK_UN)
         finally:
             self._mutex.release()
 
@@ -47,3 +57,14 @@ class WriterLock:
             self._fd, self._pid = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600), os.getpid()
             weakref.finalize(self, os.close, self._fd)
         return self._fd
+
+
+def _flock_at_once(fd, operation):
+    """flock(2) with an `operation` that cannot block (LOCK_NB, LOCK_UN), keeping the GIL; False when another open
+    file holds the lock."""
+    if _LIBC.flock(fd, operation) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EWOULDBLOCK:
+        return False
+    raise OSError(code, os.strerror(code))

@@ -1,5 +1,6 @@
 """SQLite writers in different processes queue on the writer lock: the next one starts the moment the holder
 commits, and a short busy_timeout is never reached (no "database is locked")."""
+import errno
 import fcntl
 import os
 import subprocess
@@ -163,3 +164,51 @@ def _try_lock(lock):
         return False
     fcntl.flock(fd, fcntl.LOCK_UN)
     return True
+
+
+def test_a_free_file_lock_is_taken_and_let_go_without_the_call_that_lets_go_of_the_gil(tmp_path, monkeypatch):
+    lock, calls = WriterLock(str(tmp_path / "x.lock")), []
+    monkeypatch.setattr(fcntl, "flock", lambda fd, operation: calls.append(operation))
+    with lock:
+        held = _held_by_another_file(tmp_path / "x.lock")
+    assert held and calls == []
+    assert not _held_by_another_file(tmp_path / "x.lock")
+
+
+def test_a_file_lock_held_by_another_open_file_is_waited_for(tmp_path):
+    lock, inside = WriterLock(str(tmp_path / "x.lock")), threading.Event()
+    other = os.open(tmp_path / "x.lock", os.O_RDONLY | os.O_CREAT)  # as another process would hold it
+    fcntl.flock(other, fcntl.LOCK_EX)
+
+    def enter():
+        with lock:
+            inside.set()
+    waiter = threading.Thread(target=enter)
+    waiter.start()
+    assert not inside.wait(0.2)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    assert inside.wait(5)
+    waiter.join(5)
+    os.close(other)
+    assert not _held_by_another_file(tmp_path / "x.lock")
+
+
+def test_a_failing_flock_is_an_oserror_not_a_silent_hold(tmp_path):
+    from bridge.writelock import _flock_at_once
+    try:
+        _flock_at_once(-1, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        assert err.errno == errno.EBADF
+    else:
+        raise AssertionError("flock on a bad descriptor succeeded")
+
+
+def _held_by_another_file(path):
+    """Whether some open file holds the lock of `path` (asked through a new one, with the GIL-keeping call)."""
+    from bridge.writelock import _flock_at_once
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        taken = _flock_at_once(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return not taken
+    finally:
+        os.close(fd)  # closing the file lets go of a lock it took
