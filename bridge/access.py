@@ -5,11 +5,11 @@ import json
 import logging
 import re
 import time
-import uuid
 
 from bottle import HTTP_CODES
 
 from .contract import error_body
+from .ids import new_request_id
 from .log import REQUEST_ID, event
 
 access_log = logging.getLogger("bridge.access")
@@ -34,7 +34,7 @@ class AccessLog:
     def __call__(self, environ, start_response):
         started = time.perf_counter()
         offered = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex[:16]
+        request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else new_request_id()
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
         if path == "/healthcheck" and method == "GET" and self.known_caller(environ):
             return self._healthy(environ, start_response, request_id, started)

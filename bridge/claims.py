@@ -3,12 +3,12 @@
 The claim commits before anything is bought (STYLE 15): reservation used, order and items created with
 ids that never change, pooled keys taken, all in one transaction.
 """
-import uuid
 from datetime import timedelta
 
 from peewee import IntegrityError
 
 from . import db
+from .ids import new_uuid
 from .errors import ContractError
 from .keys import PENDING, TEXT, KeyStore, order_items
 from .reservations import ACTIVE, ORDERED
@@ -44,7 +44,7 @@ def claim(reservation_id, g2a_order_id, now, request_id=None, check_at=None, clo
             lines = db.raw_rows(db.ReservationLine, ACTIVE_LINES_SQL, reservation_id)
             if not lines:
                 raise ContractError(410, "BR02", f"reservation {reservation_id} holds no stock any more")
-            order_id = str(uuid.uuid4())
+            order_id = new_uuid()
             _insert_order(order_id, reservation_id, g2a_order_id, now, request_id, check_at, _sale_total(lines))
             items = _create_items(order_id, lines)
             if KeyStore.fill_from_pool(items, now) == len(items):
@@ -122,7 +122,7 @@ def _sale_total(lines):
 def _create_items(order_id, lines):
     """One item per key unit, its id assigned now and kept forever (G2A returns and fetches files by it)."""
     money = db.OrderItem.sale_price.db_value
-    rows = [(str(uuid.uuid4()), order_id, position, line.g2a_product_id, line.cws_product_id, "cws", TEXT, PENDING,
+    rows = [(new_uuid(), order_id, position, line.g2a_product_id, line.cws_product_id, "cws", TEXT, PENDING,
              money(sale_price(line)))
             for position, line in enumerate(unit for line in lines for unit in [line] * line.quantity)]
     db.database.obj.cursor().executemany(db.sql(INSERT_ITEM_SQL), rows)

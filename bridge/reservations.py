@@ -1,13 +1,13 @@
 """Reservations: hold stock for a buyer at checkout, all-or-nothing, never more than CWS can deliver."""
 import logging
 import threading
-import uuid
 from collections import defaultdict, namedtuple
 from datetime import timedelta
 
 from . import db, pricing, quickhold
 from .contract import Line, stock_entry
 from .errors import ContractError
+from .ids import new_uuid
 from .log import event
 from .stock import AVAILABLE_SQL, BALANCE_KEY, available_params, parse_balance
 
@@ -28,7 +28,7 @@ class Reservations:
         """POST /reservation: a new reservation for `lines`, or ContractError (404 unknown, 400 short). On SQLite it is
         first tried in one guarded statement (quickhold.py), from the products' last exact read in this process; the
         exact path decides whenever that is not known, would refuse, or has changed since."""
-        reservation_id, expires = str(uuid.uuid4()), self._expiry(now)
+        reservation_id, expires = new_uuid(), self._expiry(now)
 
         def hold(sellable):
             stock = self._take(lines, sellable)

@@ -7,7 +7,7 @@ import pytest
 
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 LAYERS = {
-    0: {"errors", "log", "config", "db", "writelock", "migrations", "watchdog", "memory"},
+    0: {"errors", "log", "config", "db", "writelock", "migrations", "watchdog", "memory", "ids"},
     1: {"budget", "upstream", "cws", "g2a", "pricing", "contract", "products", "crypto", "auth", "pause", "alerts", "lease",
         "stock", "pacing", "sharedwindow"},
     2: {"reservations", "quickhold", "keys", "claims", "orders", "fulfillment", "catalogue", "offers", "plan", "sync", "sweep", "lane",
