@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from bridge import db
-from bridge.writelock import WriterLock
+from bridge.writelock import WriterLock, _flock_at_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,7 +194,6 @@ def test_a_file_lock_held_by_another_open_file_is_waited_for(tmp_path):
 
 
 def test_a_failing_flock_is_an_oserror_not_a_silent_hold(tmp_path):
-    from bridge.writelock import _flock_at_once
     try:
         _flock_at_once(-1, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -205,7 +204,6 @@ def test_a_failing_flock_is_an_oserror_not_a_silent_hold(tmp_path):
 
 def _held_by_another_file(path):
     """Whether some open file holds the lock of `path` (asked through a new one, with the GIL-keeping call)."""
-    from bridge.writelock import _flock_at_once
     fd = os.open(path, os.O_RDONLY)
     try:
         taken = _flock_at_once(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
