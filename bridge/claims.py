@@ -8,8 +8,8 @@ from datetime import timedelta
 from peewee import IntegrityError
 
 from . import db
-from .ids import new_uuid
 from .errors import ContractError
+from .ids import new_uuid
 from .keys import PENDING, TEXT, KeyStore, order_items
 from .reservations import ACTIVE, ORDERED
 
