@@ -1,36 +1,46 @@
-"""POST /reservation's quick path on SQLite: a reservation and its lines written by one guarded statement, which
-commits only if the product facts it was decided on are still what the database holds and the stock still covers it.
+"""POST /reservation's quick path on SQLite: reservations and their lines written by one guarded statement, which
+commits only if the product facts each was decided on are still what the database holds and the stock still covers
+every line.
 
-One statement is one C call: the writer lock's holder needs the GIL back once (for the stock figure), not after each
-of six statements while other threads run Python (docs/decisions.md, round 7).
+One statement is one C call, and one statement serves every reservation waiting for it: while one thread writes,
+the threads that arrive queue their rows, and the first of them then writes them all at once (one commit, one
+fsync and one hand-off of the writer lock for the lot). When the guard refuses or anything fails in such a batch,
+each of its reservations runs again alone, so each gets the answer it would have had alone (docs/decisions.md,
+rounds 7 and 9).
 """
 import threading
+from collections import deque
 
 import peewee
 
 from . import db
 from .stock import AVAILABLE_FORMULA, BALANCE_KEY, PROMISED
 
-VIEW, FIGURE = "reservation_claim", "reservation_claim_available"
+VIEW = "reservation_claim"
+SEEN = f"{VIEW}_seen"  # TEMP: the stock each row of the last statement found, by its position in the statement
 CHANGED = "reservation_claim: the product or its stock changed since it was read"
 # One row per line: the reservation and the line, then the product's columns as the decision read them (raw).
 COLUMNS = ("reservation_id", "state", "created_at", "expires_at", "request_id", "g2a_product_id", "cws_product_id",
            "quantity", "unit_price", "offer_price", "enabled", "max_stock", "fee", "cost", "checked_at", "balance")
+MAX_ROWS = 32  # rows in one statement: 17 parameters each stays under SQLite's old limit of 999
 _AVAILABLE = AVAILABLE_FORMULA.format(now="NEW.created_at", **dict(zip(
     ("order_state", "source", "item_state"), (f"'{value}'" for value in PROMISED))))
-# TEMP: made per connection (install()), so the database file holds no trigger calling a function only we define.
+# TEMP, made per connection (install()): the database file holds none of it. `position` is added by _statement().
 VIEW_DDL = (f"CREATE TEMP VIEW IF NOT EXISTS {VIEW} AS SELECT "
-            + ", ".join(f"NULL AS {column}" for column in COLUMNS) + " WHERE 0")
-# Per row, in the rows' order: the guard (under SQLite's write lock, with this statement's earlier lines already
-# counted in the stock), then the reservation once and the line. RAISE undoes the whole statement.
+            + ", ".join(f"NULL AS {column}" for column in (*COLUMNS, "position")) + " WHERE 0")
+SEEN_DDL = f"CREATE TEMP TABLE IF NOT EXISTS {SEEN} (position INTEGER PRIMARY KEY, available INTEGER)"
+# Per row, in the rows' order, under SQLite's write lock: the stock with the statement's earlier lines already
+# counted (NULL when a fact changed), the guard on it, then the reservation once and the line. RAISE undoes the
+# whole statement, SEEN's rows included.
 TRIGGER_DDL = f"""CREATE TEMP TRIGGER IF NOT EXISTS {VIEW}_insert INSTEAD OF INSERT ON {VIEW} BEGIN
-  SELECT RAISE(ABORT, '{CHANGED}') WHERE NOT EXISTS (
-    SELECT 1 FROM product p JOIN cws_product c ON c.id = p.cws_product_id
+  INSERT OR REPLACE INTO {SEEN} (position, available) VALUES (NEW.position, (
+    SELECT {_AVAILABLE} FROM product p JOIN cws_product c ON c.id = p.cws_product_id
     WHERE p.g2a_id = NEW.g2a_product_id AND p.mapped AND p.cws_product_id = NEW.cws_product_id
       AND p.enabled IS NEW.enabled AND p.max_stock IS NEW.max_stock AND p.fee IS NEW.fee
       AND p.offer_price IS NEW.offer_price AND c.cost IS NEW.cost AND c.checked_at IS NEW.checked_at
-      AND ({db.SETTING_SQL.format(p=f"'{BALANCE_KEY}'")}) IS NEW.balance
-      AND {FIGURE}({_AVAILABLE}) >= NEW.quantity);
+      AND ({db.SETTING_SQL.format(p=f"'{BALANCE_KEY}'")}) IS NEW.balance));
+  SELECT RAISE(ABORT, '{CHANGED}') WHERE NOT EXISTS (
+    SELECT 1 FROM {SEEN} WHERE position = NEW.position AND available >= NEW.quantity);
   INSERT INTO reservation (id, state, created_at, expires_at, request_id)
     SELECT NEW.reservation_id, NEW.state, NEW.created_at, NEW.expires_at, NEW.request_id
     WHERE NOT EXISTS (SELECT 1 FROM reservation WHERE id = NEW.reservation_id);
@@ -39,39 +49,134 @@ TRIGGER_DDL = f"""CREATE TEMP TRIGGER IF NOT EXISTS {VIEW}_insert INSTEAD OF INS
     VALUES (NEW.reservation_id, NEW.g2a_product_id, NEW.cws_product_id, NEW.quantity, NEW.unit_price,
             NEW.offer_price, 1, NEW.expires_at);
 END"""
-_figures = threading.local()  # what FIGURE saw, for the thread running the statement
+FOUND_SQL = f"SELECT available FROM temp.{SEEN} WHERE position < ? ORDER BY position"
 
 
 def hold(rows):
     """Write the reservation of `rows` (tuples in COLUMNS order, one per line); the stock each line found before it
     was counted, in order, or None when the guard refused (nothing written: the exact path must decide)."""
     database = db.database.obj
-    sql = f"INSERT INTO {VIEW} VALUES " + ", ".join(["(" + ", ".join(["?"] * len(COLUMNS)) + ")"] * len(rows))
-    params = [value for row in rows for value in row]
-    for attempt in (1, 2):
-        _figures.seen = []
+    if database.database == ":memory:":  # one database per connection there: no other thread's rows to write
+        waiting = _Waiting(rows)
+        with database.writing():
+            _write(database, [waiting])
+        return waiting.answer()
+    return _queue.hold(rows)
+
+
+class _Waiting:
+    """One reservation's rows waiting to be written, and then what became of them."""
+    __slots__ = ("rows", "woken", "done", "found", "error")
+
+    def __init__(self, rows):
+        self.rows, self.woken = rows, threading.Event()
+        self.done, self.found, self.error = False, None, None
+
+    def answer(self):
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+
+class _Queue:
+    """Reservations waiting for the writer lock. The first to come leads: it takes the lock and writes the queue's
+    rows (its own first) in one statement; once the lock is let go, the next in the queue leads the next batch."""
+
+    def __init__(self):
+        self._lock, self._waiting, self._leading = threading.Lock(), deque(), False
+
+    def hold(self, rows):
+        me = _Waiting(rows)
+        with self._lock:
+            self._waiting.append(me)
+            lead, self._leading = not self._leading, True
+        if not lead:
+            me.woken.wait()  # written by a leader, or first in the queue now: then it leads
+            if me.done:
+                return me.answer()
+        self._lead(me)
+        return me.answer()
+
+    def _lead(self, me):
+        database, batch = db.database.obj, []
         try:
-            database.execute_sql(sql, params)  # outside any transaction: one statement, its own commit
-            return _figures.seen
+            with database.writing():
+                batch = self._take()
+                _write(database, batch)
+        except BaseException as err:  # before its rows were taken (the lock failed), or a write was cut short
+            with self._lock:
+                if me in self._waiting:
+                    self._waiting.remove(me)
+            for waiting in batch or [me]:
+                if not waiting.done:
+                    waiting.done, waiting.error = True, err
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].woken.set()  # not done: it leads next
+                else:
+                    self._leading = False
+            for waiting in batch:
+                if waiting is not me:
+                    waiting.woken.set()
+
+    def _take(self):
+        """The queue's first reservations (the leader's first), up to MAX_ROWS rows unless the first has more."""
+        with self._lock:
+            batch = [self._waiting.popleft()]
+            rows = len(batch[0].rows)
+            while self._waiting and rows + len(self._waiting[0].rows) <= MAX_ROWS:
+                batch.append(self._waiting.popleft())
+                rows += len(batch[-1].rows)
+        return batch
+
+
+_queue = _Queue()
+
+
+def _write(database, batch):
+    """Each waiting reservation's figures (or None: refused), or its error: in one statement when every guard passes,
+    else each alone, so that one reservation's refusal or error is never another's."""
+    if len(batch) > 1:
+        try:
+            found = _statement(database, [row for waiting in batch for row in waiting.rows])
+        except Exception:
+            found = None
+        if found is not None:
+            for waiting in batch:
+                waiting.found, found = found[:len(waiting.rows)], found[len(waiting.rows):]
+                waiting.done = True
+            return
+    for waiting in batch:
+        try:
+            waiting.found = _statement(database, waiting.rows)
+        except Exception as err:
+            waiting.error = err
+        waiting.done = True
+
+
+def _statement(database, rows):
+    """One guarded statement for `rows` (outside any transaction: its own commit); the stock each found, or None
+    when a guard refused (nothing written). The caller holds the writer lock: SEEN is this connection's."""
+    sql = f"INSERT INTO {VIEW} VALUES " + ", ".join(["(" + ", ".join(["?"] * (len(COLUMNS) + 1)) + ")"] * len(rows))
+    params = [value for position, row in enumerate(rows) for value in (*row, position)]
+    for attempt in (1, 2):
+        try:
+            database.execute_sql(sql, params)
+            return [available for available, in database.execute_sql(FOUND_SQL, (len(rows),))]
         except peewee.IntegrityError as err:
             if CHANGED in str(err):
                 return None
             raise
         except peewee.OperationalError as err:
-            if attempt == 2 or (VIEW not in str(err) and FIGURE not in str(err)):
+            if attempt == 2 or VIEW not in str(err):
                 raise
             install(database)
 
 
 def install(database):
-    """The view, its trigger and FIGURE on the connection that writes (a new one has none of them)."""
+    """The view, SEEN and the trigger on the connection that writes (a new one has none of them)."""
     with database.writing():
         connection = database.connection()
-        connection.create_function(FIGURE, 1, _seen)
-        connection.execute(VIEW_DDL)
-        connection.execute(TRIGGER_DDL)
-
-
-def _seen(available):
-    _figures.seen.append(available)
-    return available
+        for ddl in (VIEW_DDL, SEEN_DDL, TRIGGER_DDL):
+            connection.execute(ddl)

@@ -1,6 +1,8 @@
 """POST /reservation's quick path on SQLite (quickhold.py): after an exact read of its products, a reservation is
 written by one guarded statement; whatever changed since that read makes the guard refuse, nothing is written, and
 the exact path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
+import threading
+import time
 from decimal import Decimal
 
 import peewee
@@ -212,3 +214,87 @@ def test_any_other_database_error_is_raised_not_taken_for_a_refusal(database, mo
     monkeypatch.setattr(database, "execute_sql", failing)
     with pytest.raises(type(error)):
         quickhold.hold([(None,) * len(quickhold.COLUMNS)])
+
+
+def queued(count, timeout=10):
+    """Until `count` reservations wait in the quick path's queue."""
+    deadline = time.monotonic() + timeout
+    while len(quickhold._queue._waiting) < count:
+        assert time.monotonic() < deadline, "the reservations never queued"
+        time.sleep(0.005)
+
+
+def together(calls):
+    """Run `calls` in threads that queue while this thread holds the writer lock, then let them write; their
+    results (or errors) in order."""
+    results = [None] * len(calls)
+
+    def run(index, call):
+        try:
+            results[index] = call()
+        except Exception as err:  # noqa: BLE001 (the test compares it)
+            results[index] = err
+    with db.database.obj.writer:
+        threads = [threading.Thread(target=run, args=pair) for pair in enumerate(calls)]
+        for thread in threads:
+            thread.start()
+        queued(len(calls))
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+@pytest.fixture
+def statements(monkeypatch):
+    """The rows of each guarded statement written (one list of rows per statement)."""
+    seen, statement = [], quickhold._statement
+
+    def spy(database, rows):
+        seen.append(rows)
+        return statement(database, rows)
+    monkeypatch.setattr(quickhold, "_statement", spy)
+    return seen
+
+
+def test_reservations_waiting_together_are_written_by_one_statement(shop, sim, statements):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())  # the exact read: 9 left
+    answers = together([lambda: reservations.reserve([Line(SWITCH, 1)], db.utcnow())] * 3)
+    assert [len(rows) for rows in statements] == [3]
+    assert sorted(answer["stock"][0]["inventory_size"] for answer in answers) == [6, 7, 8]  # each after the others
+    assert available(SWITCH_CWS) == 6 and counts() == (4, 4)
+
+
+def test_a_refusal_in_a_batch_falls_on_its_own_reservation_only(shop, sim, statements):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 3)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())  # 2 left for the 3 that wait together
+    results = together([lambda: outcome(reservations.reserve, [Line(SWITCH, 1)])] * 3)
+    assert [len(rows) for rows in statements] == [3, 1, 1, 1]  # the batch refused, then each alone
+    assert sorted(result[0] for result in results) == ["ok", "ok", "refused"]
+    assert available(SWITCH_CWS) == 0 and counts() == (3, 3)
+
+
+def test_an_error_in_a_batch_falls_on_its_own_reservation_only(shop, sim, monkeypatch):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    written, hold = [], quickhold.hold
+    monkeypatch.setattr(quickhold, "hold", lambda rows: written.append(rows) or hold(rows))
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    no_id = [(None, *written[0][0][1:])]  # a reservation id is required: this row's insert fails
+    results = together([lambda: reservations.reserve([Line(SWITCH, 1)], db.utcnow()), lambda: hold(no_id),
+                        lambda: reservations.reserve([Line(SWITCH, 1)], db.utcnow())])
+    assert isinstance(results[1], peewee.IntegrityError) and "NOT NULL" in str(results[1])
+    assert sorted(results[index]["stock"][0]["inventory_size"] for index in (0, 2)) == [6, 7]
+    assert counts() == (4, 4)
+
+
+def test_a_leader_whose_lock_fails_leaves_nothing_queued(database, monkeypatch):
+    def failing():
+        raise OSError("no lock")
+    monkeypatch.setattr(database, "writing", failing)
+    with pytest.raises(OSError):
+        quickhold.hold([(None,) * len(quickhold.COLUMNS)])
+    assert not quickhold._queue._waiting and not quickhold._queue._leading
