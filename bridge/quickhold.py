@@ -8,10 +8,12 @@ fsync and one hand-off of the writer lock for the lot). When the guard refuses o
 each of its reservations runs again alone, so each gets the answer it would have had alone (docs/decisions.md,
 rounds 7 and 9).
 """
+import functools
 import threading
 from collections import deque
 
 import peewee
+from peewee import __exception_wrapper__
 
 from . import db
 from .stock import AVAILABLE_FORMULA, BALANCE_KEY, PROMISED
@@ -25,7 +27,7 @@ COLUMNS = ("reservation_id", "state", "created_at", "expires_at", "request_id", 
 MAX_ROWS = 32  # rows in one statement: 17 parameters each stays under SQLite's old limit of 999
 _AVAILABLE = AVAILABLE_FORMULA.format(now="NEW.created_at", **dict(zip(
     ("order_state", "source", "item_state"), (f"'{value}'" for value in PROMISED))))
-# TEMP, made per connection (install()): the database file holds none of it. `position` is added by _statement().
+# TEMP, made per connection (_install()): the database file holds none of it. `position` is added by _statement().
 VIEW_DDL = (f"CREATE TEMP VIEW IF NOT EXISTS {VIEW} AS SELECT "
             + ", ".join(f"NULL AS {column}" for column in (*COLUMNS, "position")) + " WHERE 0")
 SEEN_DDL = f"CREATE TEMP TABLE IF NOT EXISTS {SEEN} (position INTEGER PRIMARY KEY, available INTEGER)"
@@ -59,7 +61,7 @@ def hold(rows):
     if database.database == ":memory:":  # one database per connection there: no other thread's rows to write
         waiting = _Waiting(rows)
         with database.writing():
-            _write(database, [waiting])
+            _write(database.connection(), [waiting])
         return waiting.answer()
     return _queue.hold(rows)
 
@@ -102,7 +104,7 @@ class _Queue:
         try:
             with database.writing():
                 batch = self._take()
-                _write(database, batch)
+                _write(database.connection(), batch)
         except BaseException as err:  # before its rows were taken (the lock failed), or a write was cut short
             with self._lock:
                 if me in self._waiting:
@@ -134,12 +136,12 @@ class _Queue:
 _queue = _Queue()
 
 
-def _write(database, batch):
+def _write(connection, batch):
     """Each waiting reservation's figures (or None: refused), or its error: in one statement when every guard passes,
     else each alone, so that one reservation's refusal or error is never another's."""
     if len(batch) > 1:
         try:
-            found = _statement(database, [row for waiting in batch for row in waiting.rows])
+            found = _statement(connection, [row for waiting in batch for row in waiting.rows])
         except Exception:
             found = None
         if found is not None:
@@ -149,21 +151,24 @@ def _write(database, batch):
             return
     for waiting in batch:
         try:
-            waiting.found = _statement(database, waiting.rows)
+            waiting.found = _statement(connection, waiting.rows)
         except Exception as err:
             waiting.error = err
         waiting.done = True
 
 
-def _statement(database, rows):
-    """One guarded statement for `rows` (outside any transaction: its own commit); the stock each found, or None
-    when a guard refused (nothing written). The caller holds the writer lock: SEEN is this connection's."""
-    sql = f"INSERT INTO {VIEW} VALUES " + ", ".join(["(" + ", ".join(["?"] * (len(COLUMNS) + 1)) + ")"] * len(rows))
+def _statement(connection, rows):
+    """One guarded statement for `rows` on the writing `connection` (outside any transaction: its own commit); the
+    stock each found, or None when a guard refused (nothing written). The caller holds the writer lock, so SEEN
+    holds this statement's figures. Straight on the sqlite3 connection, errors as peewee's: peewee's cursor and the
+    writer lock taken again per statement cost 10-15 µs of CPU per reservation, with the lock held."""
+    sql = _insert_sql(len(rows))
     params = [value for position, row in enumerate(rows) for value in (*row, position)]
     for attempt in (1, 2):
         try:
-            database.execute_sql(sql, params)
-            return [available for available, in database.execute_sql(FOUND_SQL, (len(rows),))]
+            with __exception_wrapper__:
+                connection.execute(sql, params)
+                return [available for available, in connection.execute(FOUND_SQL, (len(rows),))]
         except peewee.IntegrityError as err:
             if CHANGED in str(err):
                 return None
@@ -171,12 +176,15 @@ def _statement(database, rows):
         except peewee.OperationalError as err:
             if attempt == 2 or VIEW not in str(err):
                 raise
-            install(database)
+            _install(connection)
 
 
-def install(database):
-    """The view, SEEN and the trigger on the connection that writes (a new one has none of them)."""
-    with database.writing():
-        connection = database.connection()
-        for ddl in (VIEW_DDL, SEEN_DDL, TRIGGER_DDL):
-            connection.execute(ddl)
+@functools.lru_cache(maxsize=MAX_ROWS)
+def _insert_sql(count):
+    return f"INSERT INTO {VIEW} VALUES " + ", ".join(["(" + ", ".join(["?"] * (len(COLUMNS) + 1)) + ")"] * count)
+
+
+def _install(connection):
+    """The view, SEEN and the trigger on the writing `connection` (a new one has none of them)."""
+    for ddl in (VIEW_DDL, SEEN_DDL, TRIGGER_DDL):
+        connection.execute(ddl)

@@ -1,6 +1,7 @@
 """POST /reservation's quick path on SQLite (quickhold.py): after an exact read of its products, a reservation is
 written by one guarded statement; whatever changed since that read makes the guard refuse, nothing is written, and
 the exact path answers as it always did. In-process, on a real SQLite file, against the simulator's CWS."""
+import sqlite3
 import threading
 import time
 from decimal import Decimal
@@ -206,13 +207,21 @@ def test_every_reservation_is_answered_as_the_exact_path_alone_would(shop, steps
         assert outcome(reservations.reserve, lines) == expected, steps
 
 
-@pytest.mark.parametrize("error", [peewee.OperationalError("database is locked"),
-                                   peewee.IntegrityError("FOREIGN KEY constraint failed")])
+class FailingConnection:
+    """A writing connection whose every statement fails with `error`."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def execute(self, sql, params=()):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("database is locked"),
+                                   sqlite3.IntegrityError("FOREIGN KEY constraint failed")])
 def test_any_other_database_error_is_raised_not_taken_for_a_refusal(database, monkeypatch, error):
-    def failing(sql, params=None):
-        raise error
-    monkeypatch.setattr(database, "execute_sql", failing)
-    with pytest.raises(type(error)):
+    monkeypatch.setattr(database, "connection", lambda: FailingConnection(error))
+    with pytest.raises(getattr(peewee, type(error).__name__)):  # as peewee's, like every other statement's
         quickhold.hold([(None,) * len(quickhold.COLUMNS)])
 
 
