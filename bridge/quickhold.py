@@ -58,7 +58,9 @@ def hold(rows):
     """Write the reservation of `rows` (tuples in COLUMNS order, one per line); the stock each line found before it
     was counted, in order, or None when the guard refused (nothing written: the exact path must decide)."""
     database = db.database.obj
-    if database.database == ":memory:":  # one database per connection there: no other thread's rows to write
+    # Alone: inside this thread's transaction (it must not carry other threads' rows, nor wait for a leader that
+    # waits for its lock), or in memory (one database per connection: no other thread's rows to write there).
+    if database.in_transaction() or database.database == ":memory:":
         waiting = _Waiting(rows)
         with database.writing():
             _write(database.connection(), [waiting])

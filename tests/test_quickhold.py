@@ -307,3 +307,20 @@ def test_a_leader_whose_lock_fails_leaves_nothing_queued(database, monkeypatch):
     with pytest.raises(OSError):
         quickhold.hold([(None,) * len(quickhold.COLUMNS)])
     assert not quickhold._queue._waiting and not quickhold._queue._leading
+
+
+@pytest.mark.timeout(30)  # without the rule it deadlocks: its leader waits for the lock this thread holds
+def test_a_reservation_inside_a_transaction_is_written_alone_within_it(shop, sim, statements):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    database = db.database.obj
+    with database.writing(), database.atomic("IMMEDIATE") as transaction:
+        waiting = threading.Thread(target=reservations.reserve, args=([Line(SWITCH, 1)], db.utcnow()))
+        waiting.start()  # queues behind this thread's lock; must not be written inside this transaction
+        queued(1)
+        answer = reservations.reserve([Line(SWITCH, 2)], db.utcnow())
+        assert answer["stock"] == [{"product_id": SWITCH, "inventory_size": 7}]
+        transaction.rollback()
+    waiting.join(10)
+    assert [len(rows) for rows in statements] == [1, 1] and counts() == (2, 2)  # the first and the waiting one
