@@ -58,9 +58,10 @@ def hold(rows):
     """Write the reservation of `rows` (tuples in COLUMNS order, one per line); the stock each line found before it
     was counted, in order, or None when the guard refused (nothing written: the exact path must decide)."""
     database = db.database.obj
-    # Alone: inside this thread's transaction (it must not carry other threads' rows, nor wait for a leader that
-    # waits for its lock), or in memory (one database per connection: no other thread's rows to write there).
-    if database.in_transaction() or database.database == ":memory:":
+    # Alone: when this thread holds the writer lock (a queued reservation would wait for a leader that waits for
+    # this thread, or be written into this thread's transaction with other threads' rows), or in memory (one
+    # database per connection: no other thread's rows to write there).
+    if database.writer.held() or database.database == ":memory:":
         waiting = _Waiting(rows)
         with database.writing():
             _write(database.connection(), [waiting])
@@ -160,8 +161,8 @@ def _write(connection, batch):
 
 
 def _statement(connection, rows):
-    """One guarded statement for `rows` on the writing `connection` (outside any transaction: its own commit); the
-    stock each found, or None when a guard refused (nothing written). The caller holds the writer lock, so SEEN
+    """One guarded statement for `rows` on the writing `connection` (its own commit, unless the thread holding the
+    lock is inside a transaction); the stock each found, or None when a guard refused (nothing written). The caller holds the writer lock, so SEEN
     holds this statement's figures. Straight on the sqlite3 connection, errors as peewee's: peewee's cursor and the
     writer lock taken again per statement cost 10-15 µs of CPU per reservation, with the lock held."""
     sql = _insert_sql(len(rows))

@@ -24,6 +24,7 @@ class WriterLock:
         self.path = path
         self._mutex = threading.RLock()
         self._depth = 0  # only the thread holding the mutex reads or writes these
+        self._owner = None  # the holder's thread id (any thread reads it: only the holder finds its own id there)
         self._fd, self._pid = None, None
 
     def __enter__(self):
@@ -37,15 +38,22 @@ class WriterLock:
             self._mutex.release()
             raise
         self._depth += 1
+        self._owner = threading.get_ident()
         return self
 
     def __exit__(self, *exc):
         self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
         try:
             if self._depth == 0 and self.path is not None:
                 _flock_at_once(self._fd, fcntl.LOCK_UN)
         finally:
             self._mutex.release()
+
+    def held(self):
+        """Whether the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
 
     def _file(self):
         # Opened once per process and kept (two system calls fewer per write than opening it per hold), and closed

@@ -324,3 +324,18 @@ def test_a_reservation_inside_a_transaction_is_written_alone_within_it(shop, sim
         transaction.rollback()
     waiting.join(10)
     assert [len(rows) for rows in statements] == [1, 1] and counts() == (2, 2)  # the first and the waiting one
+
+
+@pytest.mark.timeout(30)  # without the rule it deadlocks: its leader waits for the lock this thread holds
+def test_a_reservation_by_the_thread_holding_the_writer_lock_is_written_alone(shop, sim, statements):
+    _, reservations, _ = shop
+    sim.cws.set_quantity(SWITCH_CWS, 10)
+    reservations.reserve([Line(SWITCH, 1)], db.utcnow())
+    with db.database.obj.writing():  # no transaction: the statement commits on its own
+        waiting = threading.Thread(target=reservations.reserve, args=([Line(SWITCH, 1)], db.utcnow()))
+        waiting.start()
+        queued(1)
+        answer = reservations.reserve([Line(SWITCH, 2)], db.utcnow())
+        assert answer["stock"] == [{"product_id": SWITCH, "inventory_size": 7}]
+    waiting.join(10)
+    assert [len(rows) for rows in statements] == [1, 1] and counts() == (3, 3) and available(SWITCH_CWS) == 6

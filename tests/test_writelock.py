@@ -106,9 +106,20 @@ def test_the_lock_is_reentrant_in_one_thread_and_excludes_other_threads(tmp_path
             other = threading.Thread(target=enter)
             other.start()
             assert not inside.wait(0.2)
-        assert not inside.wait(0.1)
+        assert not inside.wait(0.1) and lock.held()
     assert inside.wait(5)
     other.join()
+    assert not lock.held()
+
+
+def test_only_the_thread_holding_the_lock_is_told_it_holds_it(tmp_path):
+    lock, seen = WriterLock(str(tmp_path / "x.lock")), []
+    with lock:
+        other = threading.Thread(target=lambda: seen.append(lock.held()))
+        other.start()
+        other.join()
+        assert lock.held() and seen == [False]
+    assert not lock.held()
 
 
 def test_threads_write_through_one_connection_and_read_through_their_own(database):
